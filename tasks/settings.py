@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
     mlflow_tracking_uri: str | None = Field(default=None, validation_alias="MLFLOW_TRACKING_URI")
     data_dir: Path = Field(default=Path.home() / ".tuneloop")
+    # Converted model folders (SmolLM2/tinycoder safetensors); defaults to <data_dir>/models.
+    model_cache: Path | None = None
 
     # Default LLM endpoint for every role; each role may override base_url/model/api_key.
     llm_base_url: str | None = None
@@ -168,6 +170,10 @@ class Settings(BaseSettings):
             return self.mlflow_tracking_uri
         # A SQLite-backed store supports the model registry (a plain file store does not).
         return f"sqlite:///{(self.data_dir / 'mlflow' / 'mlflow.db').resolve()}"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return (self.model_cache or self.data_dir / "models").resolve()
 
     @property
     def mlflow_artifact_root(self) -> Path:
