@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
@@ -119,6 +120,7 @@ class TagFailure(Base):
         UniqueConstraint(
             "conversation_id", "tagger", "tagger_version", "attempt", name="uq_tag_failure"
         ),
+        Index("ix_tag_failures_tagger_version", "tagger", "tagger_version"),  # 0003
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -152,6 +154,40 @@ class Judgment(Base):
     judge_model: Mapped[str] = mapped_column(String(300), nullable=False)
     verdict: Mapped[str] = mapped_column(String(8), nullable=False)  # YES | NO | NA | ERROR
     reasoning: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    # 0003 (judge): structured-output attempts used, and the raw reply when verdict is ERROR.
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default="1")
+    raw_output: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = _created()
+
+
+class TaggerVersion(Base):
+    """0003 (tagging): what a tagger version was, so results of older versions stay readable.
+
+    `definition_hash` covers the template and output schema (or label set) but not the model,
+    so "current" results can be found whichever model or endpoint produced them.
+    """
+
+    __tablename__ = "tagger_versions"
+    __table_args__ = (Index("ix_tagger_versions_definition", "tagger", "definition_hash"),)
+
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tagger: Mapped[str] = mapped_column(String(64), nullable=False)
+    backend: Mapped[str] = mapped_column(String(64), nullable=False)
+    model: Mapped[str] = mapped_column(String(200), nullable=False, default="")
+    definition_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    template: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    output_schema: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    created_at: Mapped[datetime] = _created()
+
+
+class RubricVersion(Base):
+    """0003 (judge): the rubric content a `judgments.rubric_version` refers to."""
+
+    __tablename__ = "rubric_versions"
+
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    content: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     created_at: Mapped[datetime] = _created()
 
 
@@ -221,6 +257,13 @@ class Interaction(Base):
     response: Mapped[str] = mapped_column(Text, nullable=False, default="")
     latency_ms: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
     mirror_of: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # 0007 (router): ok | backend_error | client_disconnected; only "ok" rows are compared.
+    status: Mapped[str] = mapped_column(String(32), nullable=False, default="ok",
+                                        server_default="ok")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    stream: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False,
+                                         server_default=false())
+    ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = _created()
 
 
@@ -234,11 +277,13 @@ class Reaction(Base):
     )
     reaction: Mapped[str] = mapped_column(String(32), nullable=False)
     dwell_ms: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)  # 0007
     created_at: Mapped[datetime] = _created()
 
 
 class Deployment(Base):
     __tablename__ = "deployments"
+    __table_args__ = (Index("ix_deployments_model_active", "model_name", "active"),)  # 0007
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     model_name: Mapped[str] = mapped_column(String(200), nullable=False)
@@ -260,6 +305,7 @@ class ComparisonReport(Base):
     decision: Mapped[str] = mapped_column(String(32), nullable=False)
     applied: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     report_uri: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # 0007
     created_at: Mapped[datetime] = _created()
 
 

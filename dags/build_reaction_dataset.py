@@ -1,0 +1,65 @@
+"""
+### Build a dataset from production reaction signals
+
+Turns served interactions and their reactions into training data (seed rules):
+positive = `done` with dwell 15 s–2 min, negative = `dismiss` under 5 s (windows configurable).
+Positives become SFT rows; chosen/rejected pairs for the same (or embedding-near) context become
+DPO pairs. Everything exported is de-identified (salted user hashes, PII scrubbed).
+
+* Below the minimum signal counts (500 positive / 500 negative by default) the build refuses with
+  the counts, and downstream training is skipped.
+* Emits `tuneloop://datasets/curated` (extra: dataset_id) when a dataset was built and gated.
+
+Logic: `tasks/signals.py`, `tasks/deid.py`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import Param, dag, task
+from tuneloop_airflow.common import DATASET_ASSET, DEFAULT_ARGS, TAGS
+
+BUILT_TASK_ID = "enough_signals"
+
+
+@dag(
+    dag_id="build_reaction_dataset",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=[*TAGS, "signals", "curate"],
+    doc_md=__doc__,
+    params={
+        "min_positive": Param(500, type="integer", minimum=1),
+        "min_negative": Param(500, type="integer", minimum=0),
+        "done_min_ms": Param(15000, type="integer", minimum=0),
+        "done_max_ms": Param(120000, type="integer", minimum=0),
+        "dismiss_max_ms": Param(5000, type="integer", minimum=0),
+    },
+)
+def build_reaction_dataset():
+    @task
+    def build(params: dict | None = None) -> dict:
+        from tasks.signals import SignalConfig, build_reaction_dataset_or_skip
+        from tuneloop_airflow.connections import apply_connections
+
+        apply_connections()
+        return build_reaction_dataset_or_skip(SignalConfig.from_params(params))
+
+    @task.short_circuit(task_id=BUILT_TASK_ID)
+    def enough_signals(result: dict) -> bool:
+        return bool(result.get("built")) and bool(result.get("gate_passed", True))
+
+    @task(outlets=[DATASET_ASSET])
+    def publish(result: dict, outlet_events=None) -> dict:
+        outlet_events[DATASET_ASSET].extra = {"dataset_id": result["dataset_id"]}
+        return {"dataset_id": result["dataset_id"]}
+
+    result = build()
+    enough_signals(result) >> publish(result)
+
+
+build_reaction_dataset()
