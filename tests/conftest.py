@@ -34,6 +34,16 @@ os.environ.setdefault("TUNELOOP_MODEL_CACHE", str(Path.home() / ".cache" / "tune
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
+# Airflow's metadata DB for dag.test(): a throwaway Postgres database, created (and migrated) only
+# by the `airflow_db` fixture. The variable must be set before anything imports airflow.
+_AIRFLOW_DB_NAME = f"airflow_test_{uuid.uuid4().hex[:10]}"
+_ADMIN_FOR_AIRFLOW = os.environ.get("TUNELOOP_TEST_ADMIN_URL", DEFAULT_ADMIN_URL)
+os.environ.setdefault(
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+    _ADMIN_FOR_AIRFLOW.rsplit("/", 1)[0] + "/" + _AIRFLOW_DB_NAME,
+)
+os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
+
 
 def _admin_url() -> str:
     from sqlalchemy import create_engine, text
@@ -133,3 +143,42 @@ def fake_llm():
 
     with FakeOpenAIServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def airflow_db(database_url: str) -> Iterator[str]:
+    """Create and migrate Airflow's metadata database (once per session) for dag.test()."""
+    import subprocess
+
+    from sqlalchemy import create_engine, text
+
+    conn_url = os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    name = conn_url.rsplit("/", 1)[1]
+    admin = create_engine(_ADMIN_FOR_AIRFLOW, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname=:n"), {"n": name})
+        if not exists.scalar():
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    airflow = str(Path(sys.executable).parent / "airflow")
+    result = subprocess.run([airflow, "db", "migrate"], capture_output=True, text=True,
+                            env=os.environ.copy())
+    assert result.returncode == 0, result.stderr[-3000:]
+    yield conn_url
+    try:
+        _drop_database(_ADMIN_FOR_AIRFLOW, name)
+    except Exception:  # pragma: no cover
+        pass
+
+
+@pytest.fixture(scope="session")
+def dagbag(airflow_db):
+    """The project's DAGs, parsed the way the dag-processor parses them."""
+    plugins = str(ROOT / "plugins")
+    if plugins not in sys.path:
+        sys.path.insert(0, plugins)
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(str(ROOT / "dags"))
+    assert not bag.import_errors, bag.import_errors
+    return bag
