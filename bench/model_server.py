@@ -1,0 +1,117 @@
+"""Benchmark: what the local model server costs on top of the bare model, measured side by side.
+
+One SmolLM2 load; the same greedy request (same prompt, `--tokens` new tokens) runs, interleaved
+over `--reps` rounds so machine noise hits every variant alike, as:
+
+- `hf_generate`: `model.generate(do_sample=False)` in process (transformers' own loop);
+- `direct`: `ChatModel.generate` in process (our token loop: sampling, stop handling, decoding);
+- `http`: the official `openai` client against the server (background thread, real HTTP);
+- `http_stream`: the same with `stream=True` (SSE), plus time to first token.
+
+Each line prints tokens/s and `ratio=` against `direct` (and `direct` against `hf_generate`), so
+1.0 means "no overhead". `ttft_ratio` = time to first streamed token / full streamed latency.
+
+    .venv/bin/python bench/model_server.py [--tokens 32] [--reps 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MESSAGES = [{"role": "user", "content": "Write a long story about a dragon who learns to bake."}]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's, one per core)")
+    args = parser.parse_args()
+
+    import torch
+    from openai import OpenAI
+
+    from tasks.models import SMOLLM2_NAME, smollm2_path
+    from tasks.serving.generation import ChatModel, GenerationParams
+    from tasks.serving.model_server import running_model_server
+
+    chat_model = ChatModel(smollm2_path(), model_name=SMOLLM2_NAME, num_threads=args.threads)
+    params = GenerationParams(temperature=0, max_tokens=args.tokens)
+    prepared = chat_model.prepare(SMOLLM2_NAME, MESSAGES, params)
+    prompt = torch.tensor([prepared.prompt_ids])
+
+    def hf_generate() -> tuple[float, int, float | None]:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = chat_model.model.generate(prompt, max_new_tokens=args.tokens, do_sample=False,
+                                            attention_mask=torch.ones_like(prompt))
+        return time.perf_counter() - started, out.shape[1] - prompt.shape[1], None
+
+    def direct() -> tuple[float, int, float | None]:
+        started = time.perf_counter()
+        completion = chat_model.generate(prepared)
+        return time.perf_counter() - started, completion.completion_tokens, None
+
+    with running_model_server(chat_model=chat_model) as base_url, \
+            OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600) as client:
+
+        def http() -> tuple[float, int, float | None]:
+            started = time.perf_counter()
+            response = client.chat.completions.create(
+                model=SMOLLM2_NAME, messages=MESSAGES, temperature=0, max_tokens=args.tokens)
+            return time.perf_counter() - started, response.usage.completion_tokens, None
+
+        def http_stream() -> tuple[float, int, float | None]:
+            started = time.perf_counter()
+            first: float | None = None
+            tokens = 0
+            for chunk in client.chat.completions.create(
+                    model=SMOLLM2_NAME, messages=MESSAGES, temperature=0, max_tokens=args.tokens,
+                    stream=True, stream_options={"include_usage": True}):
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter() - started
+                if chunk.usage is not None:
+                    tokens = chunk.usage.completion_tokens
+            return time.perf_counter() - started, tokens, first
+
+        variants = {"hf_generate": hf_generate, "direct": direct, "http": http,
+                    "http_stream": http_stream}
+        for fn in variants.values():  # warm-up: first-call allocations, connection pool
+            fn()
+        rates: dict[str, list[float]] = {name: [] for name in variants}
+        ttft: list[float] = []
+        for _ in range(args.reps):
+            for name, fn in variants.items():
+                elapsed, tokens, first = fn()
+                rates[name].append(tokens / elapsed)
+                if first is not None:
+                    ttft.append(first / elapsed)
+
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    print(f"model_server bench: {args.tokens} greedy tokens, {args.reps} interleaved reps, "
+          f"torch threads={torch.get_num_threads()}")
+    print(f"hf_generate  tokens/s={median['hf_generate']:.1f}")
+    print(f"direct       tokens/s={median['direct']:.1f}  "
+          f"ratio={median['direct'] / median['hf_generate']:.2f} (vs hf_generate)")
+    for name in ("http", "http_stream"):
+        print(f"{name:<12} tokens/s={median[name]:.1f}  "
+              f"ratio={median[name] / median['direct']:.2f} (vs direct)")
+    print(f"http_stream  ttft_ratio={statistics.median(ttft):.3f} "
+          "(time to first token / full latency)")
+
+
+if __name__ == "__main__":
+    main()
