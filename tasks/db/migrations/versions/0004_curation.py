@@ -1,10 +1,15 @@
 """Schema changes owned by curation, gate, exports, reaction signals.
 
+- ix_reactions_signal on reactions(reaction, dwell_ms): reaction-signal datasets and the nightly
+  new-signal count select reactions by type (done / dismiss) and dwell window.
+
+The curation tables themselves (datasets, dataset_items, dataset_exclusions) come with 0001.
+
 Revision ID: 0004
 Revises: 0003
 """
 
-from alembic import op  # noqa: F401
+from alembic import op
 import sqlalchemy as sa  # noqa: F401
 
 revision = "0004"
@@ -14,8 +19,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    pass
+    op.create_index("ix_reactions_signal", "reactions", ["reaction", "dwell_ms"])
 
 
 def downgrade() -> None:
-    pass
+    op.drop_index("ix_reactions_signal", table_name="reactions")
