@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     model_server_port: int = DEFAULT_MODEL_SERVER_PORT
     router_port: int = DEFAULT_ROUTER_PORT
     router_api_key: SecretStr = SecretStr("tuneloop-dev-key")
+    # Router backends (default: the local model server) and how versions are named on them:
+    # a preset (local | vllm | ollama | openai) or a format string, see tasks.serving.router.
+    router_champion_base_url: str | None = None
+    router_challenger_base_url: str | None = None
+    router_model_template: str = "local"
     user_hash_salt: SecretStr = SecretStr("tuneloop-dev-salt-change-me")
     registered_model_name: str = "tuneloop-assistant"
     trainer_backend: Literal["local", "docker", "kubernetes"] = "local"
@@ -118,7 +123,8 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("llm_base_url", *(f"{r}_base_url" for r in LLM_ROLES))
+    @field_validator("llm_base_url", "router_champion_base_url", "router_challenger_base_url",
+                     *(f"{r}_base_url" for r in LLM_ROLES))
     @classmethod
     def _base_url(cls, value: str | None) -> str | None:
         if value in (None, ""):
