@@ -1,0 +1,226 @@
+"""The offline demo: the whole loop on embedded defaults, in one process, with progress output.
+
+It calls the same stage functions the DAGs call, in the order the assets chain them:
+generate → tag + judge → curate + gate → train (local LoRA) → register (MLflow, alias
+challenger) → evaluate → shadow deploy → simulated traffic through the router → comparison report.
+Everything is real: the LLM is SmolLM2-135M-Instruct behind the local OpenAI-compatible server,
+embeddings are MiniLM, Postgres is embedded (or DATABASE_URL), MLflow is a local SQLite store (or
+MLFLOW_TRACKING_URI). Reruns resume: ids are deterministic and finished steps are reused.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from tasks.settings import get_settings
+
+
+class DemoFailed(RuntimeError):
+    """A demo step could not continue; the message says which and what to do."""
+
+
+class DemoConfig(BaseModel):
+    conversations: int = Field(50, ge=5, description="conversations to generate")
+    turns: int = Field(1, ge=1, le=6)
+    seed: int = 42
+    generation_max_tokens: int = Field(64, ge=8)
+    train_steps: int = Field(30, ge=1)
+    simulated_requests: int = Field(400, ge=10)
+    simulated_users: int = Field(80, ge=2)
+    shadow_share: float = Field(0.5, gt=0, le=1, description="canary share for the demo "
+                                "(production default is 0.05; the demo wants both arms filled)")
+    challenger_preference: float = 0.7
+    champion_preference: float = 0.5
+    min_samples: int = 30
+    evaluate: bool = True
+
+
+def _say(message: str) -> None:
+    print(f"[tuneloop demo] {message}", flush=True)
+
+
+@contextmanager
+def _step(name: str, timings: dict[str, float]):
+    _say(f"{name} ...")
+    started = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - started, 1)
+    _say(f"{name} done in {timings[name]:.1f} s")
+
+
+def _use_endpoint(base_url: str) -> None:
+    """Point every LLM role and the router's backends at the local model server."""
+    os.environ["TUNELOOP_LLM_BASE_URL"] = base_url
+    os.environ["TUNELOOP_ROUTER_CHAMPION_BASE_URL"] = base_url
+    get_settings.cache_clear()
+
+
+def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from tasks.db.engine import get_engine, migrate
+    from tasks.serving.model_server import running_model_server
+
+    cfg = cfg or DemoConfig()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    settings = get_settings()
+    summary: dict[str, Any] = {"data_dir": str(settings.data_dir)}
+
+    with _step("database (migrations)", timings):
+        engine = get_engine()
+        migrate(engine)
+        summary["database"] = engine.url.render_as_string(hide_password=True)
+        _say(f"database: {summary['database']}")
+
+    _say("starting the local model server (SmolLM2-135M-Instruct) ...")
+    server_started = time.perf_counter()
+    with running_model_server(port=0) as base_url:
+        timings["model server start"] = round(time.perf_counter() - server_started, 1)
+        _use_endpoint(base_url)
+        _say(f"model server: {base_url}")
+        summary.update(_loop(cfg, timings, tqdm))
+
+    summary["timings_s"] = timings
+    summary["total_s"] = round(time.perf_counter() - started, 1)
+    _print_summary(summary)
+    return summary
+
+
+def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
+    from tasks.curate import CurationConfig, curate
+    from tasks.generate import GenerationConfig, run_generation
+    from tasks.shadow import compare_and_report
+    from tasks.tag import TaggingConfig, run_tagging
+    from tasks.training_flow import (
+        deploy_shadow,
+        evaluate_registered,
+        prepare_training,
+        register_training,
+        resolve_dataset,
+        run_local_training,
+    )
+
+    out: dict[str, Any] = {}
+    with _step(f"generate {cfg.conversations} conversations", timings):
+        gen_cfg = GenerationConfig(count=cfg.conversations, turns=cfg.turns, seed=cfg.seed,
+                                   max_tokens=cfg.generation_max_tokens, shard_size=25,
+                                   concurrency=8)
+        with tqdm(total=cfg.conversations, desc="generate", unit="conv") as bar:
+            def progress(event: dict[str, Any]) -> None:
+                bar.update(event.get("count", 1) if event.get("event") == "skipped" else 1)
+
+            generated = run_generation(gen_cfg, progress=progress)
+        out["generation"] = generated
+        _say(f"batch {generated['batch_id']}: ok={generated['ok']} failed={generated['failed']} "
+             f"duplicate={generated['duplicate']}")
+        if not generated["ok"]:
+            raise DemoFailed("no conversation was generated; check the model server log")
+
+    with _step("tag + judge", timings):
+        tag_cfg = TaggingConfig.from_params({
+            "classifier_backend": "embedding", "retries": 2, "judges": ["judge"],
+            "batch_id": generated["batch_id"],
+        })
+        tag_cfg = tag_cfg.model_copy(update={
+            "backends": {**tag_cfg.backends, "belief": "heuristic",
+                         "hallucination": "heuristic"},
+            "judge_mode": "combined", "max_in_flight": 8,
+        })
+        with tqdm(desc="tag", unit="task") as bar:
+            def tag_progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+            tagged = run_tagging(tag_cfg, progress=tag_progress)
+        out["tagging"] = tagged.get("stats", {})
+
+    with _step("curate + Great Expectations gate", timings):
+        curated = curate(CurationConfig(batch_id=generated["batch_id"],
+                                        require_rubric_pass=False, min_rows=5))
+        out["dataset"] = curated
+        if not curated["gate_passed"]:
+            raise DemoFailed(
+                f"the gate blocked dataset {curated['dataset_id']}: "
+                f"{', '.join(curated['failed_expectations'])} (Data Docs: "
+                f"{curated.get('data_docs')}); training is skipped, as in the DAG")
+
+    with _step(f"train LoRA adapter locally ({cfg.train_steps} steps)", timings):
+        prepared = prepare_training(resolve_dataset(curated["dataset_id"]), {
+            "backend": "local", "max_steps": cfg.train_steps,
+            "base_model": "smollm2-135m-instruct",
+        })
+        trained = run_local_training(prepared)
+        out["training"] = trained["metrics"]
+
+    with _step("register in MLflow (alias challenger)", timings):
+        registered = register_training(prepared)
+        out["registered"] = registered
+
+    if cfg.evaluate:
+        with _step("evaluate base vs tuned (model card)", timings):
+            out["evaluation"] = evaluate_registered(registered, max_new_tokens=48,
+                                                    max_val_rows=20)
+
+    with _step("shadow deploy + simulated traffic", timings):
+        deployment = deploy_shadow(registered, mode="canary", share=cfg.shadow_share)
+        out["deployment"] = deployment
+        out["traffic"] = _simulate(cfg)
+
+    with _step("shadow comparison report", timings):
+        report = compare_and_report(deployment["deployment_id"], min_samples=cfg.min_samples)
+        out["report"] = {k: report.get(k) for k in ("decision", "report_path", "report_uri",
+                                                     "mlflow_run_id", "reason")}
+    return out
+
+
+def _simulate(cfg: DemoConfig) -> dict[str, Any]:
+    from tasks.serving.router import RouterConfig, running_router
+    from tasks.simulate import simulate_traffic
+
+    settings = get_settings()
+    router_cfg = RouterConfig.from_settings(settings, deployment_ttl_s=0.5, alias_ttl_s=1.0)
+    with running_router(router_cfg) as router:
+        _say(f"router: {router.base_url}")
+        return simulate_traffic(
+            router.base_url, settings.router_api_key.get_secret_value(),
+            users=cfg.simulated_users, requests=cfg.simulated_requests,
+            preference={"champion": cfg.champion_preference,
+                        "challenger": cfg.challenger_preference},
+            seed=cfg.seed, concurrency=8, max_tokens=12,
+        )
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from tasks.register import get_alias_version
+
+    dataset = summary.get("dataset", {})
+    registered = summary.get("registered", {})
+    name = registered.get("model_name", get_settings().registered_model_name)
+    aliases = {alias: get_alias_version(name, alias) for alias in ("champion", "challenger")}
+    lines = [
+        "",
+        "=" * 72,
+        f"tuneloop demo finished in {summary['total_s']:.0f} s",
+        f"  database           {summary.get('database')}",
+        f"  dataset snapshot   {dataset.get('dataset_id')}  {dataset.get('artifact_uri')}",
+        f"  gate               passed={dataset.get('gate_passed')}  Data Docs: "
+        f"{dataset.get('data_docs')}",
+        f"  MLflow             {get_settings().resolved_mlflow_tracking_uri}",
+        f"  model version      {name} v{registered.get('version')}  run {registered.get('run_id')}",
+        f"  aliases            champion=v{aliases['champion']}  challenger=v{aliases['challenger']}",
+        f"  model card         {summary.get('evaluation', {}).get('card_path')}",
+        f"  shadow report      {summary.get('report', {}).get('report_path')}",
+        f"  decision           {summary.get('report', {}).get('decision')}",
+        f"  step timings (s)   {summary.get('timings_s')}",
+        "=" * 72,
+    ]
+    print("\n".join(lines), flush=True)
