@@ -32,9 +32,8 @@ class ContainerTrainerOperator(BaseOperator):
         self.prepared = prepared
 
     def build_operator(self, prepared: dict) -> BaseOperator:
-        from tasks.train.container import docker_trainer_kwargs, kubernetes_trainer_kwargs
-
         from tasks.settings import get_settings
+        from tasks.train.container import docker_trainer_kwargs, kubernetes_trainer_kwargs
 
         settings = get_settings()
         if self.backend == "docker":
@@ -51,6 +50,7 @@ class ContainerTrainerOperator(BaseOperator):
         kwargs = kubernetes_trainer_kwargs(
             prepared["container_config_path"], image=settings.trainer_image,
             output_pvc=prepared.get("output_pvc", "tuneloop-artifacts"),
+            run_sub_path=prepared.get("run_sub_path"),
         )
         return KubernetesPodOperator(task_id=f"{self.task_id}__pod", **kwargs)
 
