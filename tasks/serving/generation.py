@@ -7,25 +7,38 @@ base name (`smollm2-135m-instruct`) or `<base>:<adapter>`; an adapter is a folde
 Adapters are checked against the base model's layer shapes when they are resolved and loaded
 lazily with peft on first use; the base is served with the adapters disabled.
 
-Generation is a manual token loop over a KV cache: temperature 0 is greedy, otherwise
-temperature + nucleus (top_p) sampling from a per-request `torch.Generator` seeded with the
-request's `seed`, so seeded requests are reproducible regardless of what runs around them. Stop
-strings are cut from the text (never emitted, even across token boundaries, because text that
-could still become a stop string is held back). One lock serializes generation and adapter
-switching: the model and its active adapter are shared state.
+Requests are batched dynamically: `submit` queues a prepared request, and one scheduler thread
+gathers the queued requests for the same model id (for up to `batch_window_ms`, at most
+`max_batch_size`) and decodes them together, step by step, over one KV cache. Prompts are left
+padded with an attention mask and per-row position ids, so each row computes what it would alone
+(greedy output is the same batched or not). Each row keeps its own sampler, token budget and stop
+strings and leaves the batch when it finishes; later requests for the same model id are prefilled
+and spliced into the running batch (continuous batching) unless requests for another model id or
+an adapter change are waiting, in which case the batch drains first.
+
+Temperature 0 is greedy, otherwise temperature + nucleus (top_p) sampling from a per-request
+`torch.Generator` seeded with the request's `seed`, so seeded requests are reproducible regardless
+of what runs around them. Stop strings are cut from the text (never emitted, even across token
+boundaries, because text that could still become a stop string is held back). One lock guards the
+model and its active adapter: a batch holds it while it decodes, adapter loads and deletions take
+it between batches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
+import queue
 import re
 import secrets
 import threading
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +56,12 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_STOP_SEQUENCES = 4
 DEFAULT_MAX_TOKENS = 512
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_BATCH_WINDOW_MS = 5.0
 GREEDY_BELOW_TEMPERATURE = 1e-5
+# Prompts prefilled together are padded to the longest; a group may hold at most 25% padding,
+# beyond that (one long prompt among short ones) prompts are prefilled in separate passes.
+PREFILL_PADDING_SLACK = 1.25
 
 
 class ModelServerError(Exception):
@@ -217,8 +235,18 @@ def _stop_holdback(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+def check_batching(max_batch_size: int, batch_window_ms: float) -> None:
+    """Raise ValueError (saying the fix) for batching options out of range."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}; use 1 to turn "
+                         f"batching off or e.g. {DEFAULT_MAX_BATCH_SIZE}")
+    if not 0 <= batch_window_ms <= 10_000:
+        raise ValueError(f"batch_window_ms must be in [0, 10000], got {batch_window_ms}; "
+                         f"e.g. {DEFAULT_BATCH_WINDOW_MS:g}")
+
+
 class ChatModel:
-    """One causal LM (plus LoRA adapters) answering chat requests; thread-safe via one lock."""
+    """One causal LM (plus LoRA adapters) answering chat requests in dynamic batches; thread-safe."""
 
     def __init__(
         self,
@@ -228,10 +256,15 @@ class ChatModel:
         adapter_roots: Sequence[Path] = (),
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         num_threads: int | None = None,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
     ) -> None:
         """Load the model. `num_threads` sets torch's (process-wide) intra-op thread count: on a
         machine whose cores are busy with other work, 1 thread is several times faster than
-        spin-waiting on 2; None keeps torch's default (one per core)."""
+        spin-waiting on 2; None keeps torch's default (one per core). `max_batch_size` caps how
+        many requests decode together (1 turns batching off); the scheduler waits up to
+        `batch_window_ms` after a request arrives for others to batch with it."""
+        check_batching(max_batch_size, batch_window_ms)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -259,15 +292,29 @@ class ChatModel:
             getattr(self.model.config, "max_position_embeddings", 0) or 2048
         )
         self.eos_token_ids = self._eos_ids()
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad) if isinstance(pad, int) else min(self.eos_token_ids, default=0)
         self.fingerprint = "fp_" + stable_id(self.model_name, self.model_path.resolve(), length=12)
         self._peft: Any = None  # peft.PeftModel once the first adapter is loaded
         self._loaded: dict[str, _LoadedAdapter] = {}
         self._registered: dict[str, Path] = {}
         self._checked: dict[tuple[str, int], None] = {}
-        self._lock = threading.Lock()
-        # Counters for /health and benchmarks; updated under the model lock.
-        self.stats = {"requests": 0, "completion_tokens": 0, "cancelled": 0}
+        self._lock = threading.Lock()  # the model and its active adapter
+        # Counters for /health and benchmarks, updated by the scheduler thread. decode_rows /
+        # decode_steps is the mean number of requests sharing a forward pass.
+        self.stats = {"requests": 0, "completion_tokens": 0, "cancelled": 0, "batches": 0,
+                      "joined": 0, "prefills": 0, "decode_steps": 0, "decode_rows": 0}
         self._registry_lock = threading.Lock()
+        # The scheduler: queued requests, batching knobs and who waits for the model lock.
+        self.max_batch_size = max_batch_size
+        self.batch_window_ms = float(batch_window_ms)
+        self._cond = threading.Condition()
+        self._queue: deque[_Request] = deque()
+        self._scheduler: threading.Thread | None = None
+        self._closed = False
+        self._admin_waiting = 0
+        self._running: _Batch | None = None
+        self._cache_spliceable: bool | None = None  # known after the first prefill
         log.info("loaded %s from %s (context %d tokens)", model_name, model_path,
                  self.context_length)
 
@@ -356,7 +403,7 @@ class ChatModel:
     def load_adapter(self, model_id: str) -> None:
         """Load the adapter behind `model_id` now instead of on its first request."""
         adapter, path = self.resolve(model_id)
-        with self._lock:
+        with self._exclusive():
             self._activate(adapter, path)
 
     def unregister_adapter(self, name: str) -> bool:
@@ -364,7 +411,7 @@ class ChatModel:
         with self._registry_lock:
             removed = self._registered.pop(name, None) is not None
         if removed:
-            with self._lock:
+            with self._exclusive():
                 loaded = self._loaded.pop(name, None)
                 if loaded is not None:
                     with warnings.catch_warnings():  # "deleted the active adapter": expected
@@ -479,6 +526,198 @@ class ChatModel:
                 warnings.simplefilter("ignore", UserWarning)
                 self._peft.delete_adapter(replacing.peft_name)
 
+    # ---- batching ----------------------------------------------------------------------------
+    def configure_batching(self, *, max_batch_size: int | None = None,
+                           batch_window_ms: float | None = None) -> None:
+        """Change the batching knobs of a loaded model (applies to batches formed from now on)."""
+        size = self.max_batch_size if max_batch_size is None else max_batch_size
+        window = self.batch_window_ms if batch_window_ms is None else batch_window_ms
+        check_batching(size, window)
+        with self._cond:
+            self.max_batch_size = size
+            self.batch_window_ms = float(window)
+            self._cond.notify_all()
+
+    def batching_info(self) -> dict[str, Any]:
+        """The batching knobs, the number of queued requests and the rows decoding right now."""
+        running = self._running
+        with self._cond:
+            queued = len(self._queue)
+        return {"max_batch_size": self.max_batch_size, "batch_window_ms": self.batch_window_ms,
+                "queued": queued, "running": len(running.rows) if running is not None else 0}
+
+    def submit(
+        self,
+        prepared: PreparedChat,
+        sink: Callable[[StreamEvent | BaseException], None],
+        cancel: threading.Event | None = None,
+    ) -> threading.Event:
+        """Queue `prepared` for the scheduler thread; returns the event that cancels it.
+
+        `sink` is called on the scheduler thread with each StreamEvent (the last one carries
+        finish_reason) or, instead of a last event, with the exception that ended the request;
+        it must return quickly. A sink that raises cancels its request.
+        """
+        cancel = threading.Event() if cancel is None else cancel
+        request = _Request(prepared, sink, cancel, time.monotonic())
+        with self._cond:
+            if self._closed:
+                raise ModelServerError("the model has been shut down; restart the model server",
+                                       status_code=503, code="server_closed")
+            self._queue.append(request)
+            if self._scheduler is None:
+                self._scheduler = threading.Thread(target=self._schedule, daemon=True,
+                                                   name=f"tuneloop-batcher-{self.model_name}")
+                self._scheduler.start()
+            self._cond.notify_all()
+        return cancel
+
+    def close(self) -> None:
+        """Stop the scheduler: queued requests fail with a 503 error; a running batch finishes."""
+        with self._cond:
+            self._closed = True
+            leftovers = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for request in leftovers:
+            self._fail(request, ModelServerError("the model server is shutting down; retry "
+                                                 "against a running server", status_code=503,
+                                                 code="server_closed"))
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the model lock between batches; running batches stop taking newcomers meanwhile."""
+        with self._cond:
+            self._admin_waiting += 1
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._cond:
+                self._admin_waiting -= 1
+
+    def _schedule(self) -> None:
+        """The scheduler thread: form a batch from the oldest request's model id, decode it."""
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                model_id = self._queue[0].prepared.model_id
+                deadline = self._queue[0].arrived + self.batch_window_ms / 1000
+                while (not self._closed and self._queued_for(model_id) < self.max_batch_size
+                       and (remaining := deadline - time.monotonic()) > 0):
+                    self._cond.wait(remaining)
+                if self._closed:  # close() has failed whatever was queued
+                    return
+                requests = self._take(model_id, self.max_batch_size)
+            try:
+                self._run_batch(requests)
+            except Exception as exc:  # never let the scheduler die; _run_batch reports per request
+                log.exception("batch for %s failed", model_id)
+                for request in requests:
+                    if not request.done:
+                        self._fail(request, exc)
+
+    def _queued_for(self, model_id: str) -> int:
+        return sum(r.prepared.model_id == model_id for r in self._queue)
+
+    def _take(self, model_id: str, limit: int) -> list[_Request]:
+        """Remove up to `limit` queued requests for `model_id`, oldest first. Caller holds _cond."""
+        taken: list[_Request] = []
+        kept: deque[_Request] = deque()
+        for request in self._queue:
+            if len(taken) < limit and request.prepared.model_id == model_id:
+                taken.append(request)
+            else:
+                kept.append(request)
+        self._queue = kept
+        return taken
+
+    def _take_joiners(self, model_id: str, target: tuple[Any, ...], room: int) -> list[_Request]:
+        """Queued requests that may join a running batch for `model_id` (none when others wait)."""
+        with self._cond:
+            if self._admin_waiting or self._closed or not self._queue:
+                return []
+            if any(r.prepared.model_id != model_id for r in self._queue):
+                return []  # let the batch drain so the other model id gets its turn
+        if target[0] is not None:  # the adapter must still be the very weights being served
+            try:
+                adapter, path = self.resolve(model_id)
+            except ModelServerError:
+                return []
+            if self._target(adapter, path) != target:
+                return []
+        with self._cond:
+            return self._take(model_id, room)
+
+    @staticmethod
+    def _target(adapter: str | None, path: Path | None) -> tuple[Any, ...]:
+        weights = adapter_weights_file(path) if path is not None else None
+        return adapter, path, weights.stat().st_mtime_ns if weights is not None else 0
+
+    def _run_batch(self, requests: list[_Request]) -> None:
+        """Decode `requests` (one model id) together, admitting newcomers as rows finish."""
+        import torch
+
+        prepared = requests[0].prepared
+        members = list(requests)
+        with self._lock, contextlib.ExitStack() as stack:
+            try:
+                adapter, path = self.resolve(prepared.model_id) if prepared.adapter else (None, None)
+                self._activate(adapter, path)
+                target = self._target(adapter, path)
+                # With no adapter loaded (none yet, or all deleted) the plain model is the base.
+                runner = self._peft if self._loaded else self.model
+                if adapter is None and self._loaded:
+                    stack.enter_context(self._peft.disable_adapter())
+                stack.enter_context(torch.inference_mode())
+                batch = _Batch(self, runner)
+                self._running = batch
+                self.stats["batches"] += 1
+                batch.admit(requests)
+                while batch.rows:
+                    room = self.max_batch_size - len(batch.rows)
+                    if room > 0 and batch.spliceable:
+                        joiners = self._take_joiners(prepared.model_id, target, room)
+                        if joiners:
+                            members.extend(joiners)
+                            self.stats["joined"] += len(joiners)
+                            batch.admit(joiners)
+                    batch.step()
+            except Exception as exc:
+                if not isinstance(exc, ModelServerError):
+                    log.exception("generation for %s failed", prepared.model_id)
+                for request in members:
+                    if not request.done:
+                        self._fail(request, exc)
+            finally:
+                self._running = None
+
+    def _deliver(self, request: _Request, item: StreamEvent | BaseException) -> None:
+        try:
+            request.sink(item)
+        except Exception as exc:  # the consumer is gone (e.g. its event loop closed)
+            log.debug("dropping a request whose consumer failed: %s", exc)
+            request.cancel.set()
+
+    def _finish(self, sequence: _Sequence) -> None:
+        request = sequence.request
+        self.stats["requests"] += 1
+        self.stats["completion_tokens"] += len(sequence.generated)
+        self.stats["cancelled"] += sequence.finish == "cancelled"
+        request.done = True
+        self._deliver(request, sequence.final_event())
+
+    def _fail(self, request: _Request, exc: BaseException) -> None:
+        request.done = True
+        try:  # each consumer raises its own copy: one exception object, raised on many threads,
+            item = copy.copy(exc)  # would pile up their tracebacks
+        except Exception:
+            item = exc
+        self._deliver(request, item)
+
     # ---- requests ----------------------------------------------------------------------------
     def prompt_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """Token ids of the chat template applied to `messages`, ending with the assistant cue."""
@@ -527,75 +766,28 @@ class ChatModel:
     def stream(
         self, prepared: PreparedChat, cancel: threading.Event | None = None
     ) -> Iterator[StreamEvent]:
-        """Generate under the model lock, yielding text deltas; the last event has finish_reason.
+        """Queue the request and yield its text deltas; the last event has finish_reason.
 
-        Close the iterator (or exhaust it) to release the lock; `cancel` stops generation early
-        with finish_reason "cancelled" (the client went away).
+        The request decodes in a batch with whatever else is queued for the same model id.
+        Closing the iterator early cancels it; so does setting `cancel` (the client went away),
+        which ends it with finish_reason "cancelled". Errors (e.g. an adapter that fails to load)
+        are raised here.
         """
-        import torch
-
-        params = prepared.params
-        stops = params.stop
-        max_stop = max((len(s) for s in stops), default=0)
-        greedy = params.temperature < GREEDY_BELOW_TEMPERATURE
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(self._lock)
-            _, path = self.resolve(prepared.model_id) if prepared.adapter else (None, None)
-            self._activate(prepared.adapter, path)
-            # With no adapter loaded (none yet, or all deleted) the plain model is the base.
-            runner = self._peft if self._loaded else self.model
-            if prepared.adapter is None and self._loaded:
-                stack.enter_context(self._peft.disable_adapter())
-            stack.enter_context(torch.inference_mode())
-            generated: list[int] = []
-            emitted = 0
-            finish: FinishReason | None = None
-            final_text = ""
-            inputs = torch.tensor([prepared.prompt_ids], dtype=torch.long)
-            cache = None
-            while finish is None:
-                if cancel is not None and cancel.is_set():
-                    finish = "cancelled"
-                    break
-                out = runner(input_ids=inputs, past_key_values=cache, use_cache=True,
-                             logits_to_keep=1)
-                cache = out.past_key_values
-                token = self._sample(out.logits[0, -1], params, greedy, generator)
-                generated.append(token)
-                if token in self.eos_token_ids:
-                    finish = "stop"
-                    text = self._decode(generated[:-1])
-                else:
-                    text = self._decode(generated)
-                    if stops:
-                        start = max(0, emitted - max_stop)
-                        cut = min((i for i in (text.find(s, start) for s in stops) if i >= 0),
-                                  default=-1)
-                        if cut >= 0:
-                            text = text[:cut]
-                            finish = "stop"
-                    if finish is None and len(generated) >= prepared.max_tokens:
-                        finish = "length"
-                if finish is not None:
-                    final_text = text
-                    break
-                safe_end = len(text) - _stop_holdback(text, stops)
-                # An incomplete UTF-8 sequence decodes to U+FFFD: wait for the rest of it.
-                while safe_end > emitted and text[safe_end - 1] == "\ufffd":
-                    safe_end -= 1
-                if safe_end > emitted:
-                    yield StreamEvent(text[emitted:safe_end])
-                    emitted = safe_end
-                inputs = torch.tensor([[token]], dtype=torch.long)
-            self.stats["requests"] += 1
-            self.stats["completion_tokens"] += len(generated)
-            self.stats["cancelled"] += finish == "cancelled"
-        tail = final_text[emitted:] if finish != "cancelled" else ""
-        yield StreamEvent(tail, finish_reason=finish, prompt_tokens=prepared.prompt_tokens,
-                          completion_tokens=len(generated))
+        events: queue.SimpleQueue[StreamEvent | BaseException] = queue.SimpleQueue()
+        cancel = threading.Event() if cancel is None else cancel
+        self.submit(prepared, events.put, cancel)
+        finished = False
+        try:
+            while not finished:
+                item = events.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            if not finished:
+                cancel.set()
 
     def generate(self, prepared: PreparedChat, cancel: threading.Event | None = None) -> Completion:
         parts: list[str] = []
@@ -633,3 +825,256 @@ class ChatModel:
             return int(order[choice])
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# ---- batching internals --------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Request:
+    """A prepared chat waiting for, or decoding in, a batch; its events go to `sink`."""
+
+    prepared: PreparedChat
+    sink: Callable[[StreamEvent | BaseException], None]
+    cancel: threading.Event
+    arrived: float  # time.monotonic() when queued: the batch window counts from the oldest
+    done: bool = False  # its last event (or error) has been delivered
+
+
+class _Sequence:
+    """One request's decoding state in a batch: its sampler, tokens so far and text emitted."""
+
+    def __init__(self, request: _Request, model: ChatModel) -> None:
+        import torch
+
+        params = request.prepared.params
+        self.request = request
+        self.params = params
+        self.greedy = params.temperature < GREEDY_BELOW_TEMPERATURE
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        self.max_stop = max((len(s) for s in params.stop), default=0)
+        self.generated: list[int] = []
+        self.emitted = 0  # characters of the decoded text already sent
+        self.finish: FinishReason | None = None
+        self.final_text = ""
+        self._model = model
+
+    def accept(self, token: int) -> str:
+        """Record one sampled token; returns the text that became safe to send ('' for none).
+
+        Sets `finish` when the token ends the request (end of turn, a stop string, max_tokens);
+        the rest of the text then goes out with the final event.
+        """
+        stops = self.params.stop
+        self.generated.append(token)
+        if token in self._model.eos_token_ids:
+            self.finish = "stop"
+            text = self._model._decode(self.generated[:-1])
+        else:
+            text = self._model._decode(self.generated)
+            if stops:
+                start = max(0, self.emitted - self.max_stop)
+                cut = min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    text = text[:cut]
+                    self.finish = "stop"
+            if self.finish is None and len(self.generated) >= self.request.prepared.max_tokens:
+                self.finish = "length"
+        if self.finish is not None:
+            self.final_text = text
+            return ""
+        safe_end = len(text) - _stop_holdback(text, stops)
+        # An incomplete UTF-8 sequence decodes to U+FFFD: wait for the rest of it.
+        while safe_end > self.emitted and text[safe_end - 1] == "\ufffd":
+            safe_end -= 1
+        if safe_end <= self.emitted:
+            return ""
+        delta = text[self.emitted:safe_end]
+        self.emitted = safe_end
+        return delta
+
+    def final_event(self) -> StreamEvent:
+        tail = self.final_text[self.emitted:] if self.finish != "cancelled" else ""
+        return StreamEvent(tail, finish_reason=self.finish,
+                           prompt_tokens=self.request.prepared.prompt_tokens,
+                           completion_tokens=len(self.generated))
+
+
+def _prefill_groups(lengths: Sequence[int], slack: float) -> list[list[int]]:
+    """Indices of prompts grouped for prefill, longest first: each group's padded size (rows x
+    its longest prompt) stays within `slack` x the tokens it really holds."""
+    groups: list[list[int]] = []
+    held = 0
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups:
+            group = groups[-1]
+            if (len(group) + 1) * lengths[group[0]] <= slack * (held + lengths[index]):
+                group.append(index)
+                held += lengths[index]
+                continue
+        groups.append([index])
+        held = lengths[index]
+    return groups
+
+
+def _is_spliceable(cache: Any) -> bool:
+    """Whether rows of this cache can be padded and concatenated (plain per-layer K/V tensors)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return isinstance(cache, DynamicCache) and all(
+        type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers
+    )
+
+
+class _Batch:
+    """Rows (sequences of one model id) decoding together over one KV cache.
+
+    Rows are left padded and right aligned: each row's newest cached token sits in the last
+    column, `mask` marks each row's real columns and `positions` holds the position id of the
+    token each row feeds next, so every row computes what it would compute alone. Finished rows
+    leave (and columns that are padding in every remaining row are cut); newcomers are prefilled
+    on their own and spliced in, the shorter cache getting zero columns on its left.
+    """
+
+    def __init__(self, model: ChatModel, runner: Any) -> None:
+        self.model = model
+        self.runner = runner
+        self.rows: list[_Sequence] = []
+        self.cache: Any = None
+        self.mask: Any = None  # (rows, cached columns), 1 where the column is the row's token
+        self.positions: Any = None  # (rows,) position id of the token fed next
+        self.last: Any = None  # (rows,) the token fed next (sampled, not yet cached)
+        self.spliceable = True
+
+    def admit(self, requests: list[_Request]) -> None:
+        """Prefill `requests`, sample their first tokens and add the unfinished ones as rows."""
+        fresh: list[_Sequence] = []
+        for request in requests:
+            sequence = _Sequence(request, self.model)
+            if request.cancel.is_set():
+                sequence.finish = "cancelled"
+                self.model._finish(sequence)
+            else:
+                fresh.append(sequence)
+        if not self.model._cache_spliceable:  # unknown yet, or rows cannot be spliced
+            groups = [fresh]
+        else:
+            lengths = [s.request.prepared.prompt_tokens for s in fresh]
+            groups = [[fresh[i] for i in group]
+                      for group in _prefill_groups(lengths, PREFILL_PADDING_SLACK)]
+        for group in groups:
+            newcomers = _Batch(self.model, self.runner)
+            newcomers.prefill(group)
+            if self.model._cache_spliceable is None:
+                self.model._cache_spliceable = newcomers.spliceable
+            if not newcomers.rows:
+                continue
+            if self.rows:
+                self.splice(newcomers)
+            else:
+                self.rows, self.cache, self.mask = newcomers.rows, newcomers.cache, newcomers.mask
+                self.positions, self.last = newcomers.positions, newcomers.last
+                self.spliceable = newcomers.spliceable
+
+    def prefill(self, sequences: list[_Sequence]) -> None:
+        import torch
+
+        width = max(s.request.prepared.prompt_tokens for s in sequences)
+        input_ids = torch.full((len(sequences), width), self.model.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            prompt = sequence.request.prepared.prompt_ids
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.runner(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                          use_cache=True, logits_to_keep=1)
+        self.model.stats["prefills"] += 1
+        self.rows = sequences
+        self.cache = out.past_key_values
+        self.mask = mask
+        self.positions = mask.sum(-1)
+        self.spliceable = _is_spliceable(self.cache)
+        self.last = self._sample(out.logits[:, -1])
+        self._compact()
+
+    def step(self) -> None:
+        """One forward pass for every row: feed each row's last token, sample its next one."""
+        import torch
+
+        for sequence in self.rows:
+            if sequence.request.cancel.is_set():
+                sequence.finish = "cancelled"
+                self.model._finish(sequence)
+        self._compact()
+        if not self.rows:
+            return
+        mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        out = self.runner(input_ids=self.last[:, None], attention_mask=mask,
+                          position_ids=self.positions[:, None], past_key_values=self.cache,
+                          use_cache=True, logits_to_keep=1)
+        self.model.stats["decode_steps"] += 1
+        self.model.stats["decode_rows"] += len(self.rows)
+        self.cache = out.past_key_values
+        self.mask = mask
+        self.positions = self.positions + 1
+        self.last = self._sample(out.logits[:, -1])
+        self._compact()
+
+    def _sample(self, logits: Any) -> Any:
+        """Each row's next token by its own parameters; emits deltas and finishes rows."""
+        import torch
+
+        greedy = (logits.float().argmax(dim=-1).tolist()
+                  if any(s.greedy for s in self.rows) else [])
+        tokens: list[int] = []
+        for row, sequence in enumerate(self.rows):
+            token = greedy[row] if sequence.greedy else ChatModel._sample(
+                logits[row], sequence.params, False, sequence.generator)
+            tokens.append(token)
+            delta = sequence.accept(token)
+            if sequence.finish is not None:
+                self.model._finish(sequence)
+            elif delta:
+                self.model._deliver(sequence.request, StreamEvent(delta))
+        return torch.tensor(tokens, dtype=torch.long)
+
+    def _compact(self) -> None:
+        """Drop finished rows from the cache, then cut columns no remaining row uses."""
+        import torch
+
+        keep = [row for row, sequence in enumerate(self.rows) if sequence.finish is None]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.mask, self.positions, self.last = [], None, None, None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        self.cache.batch_select_indices(index)
+        self.rows = [self.rows[row] for row in keep]
+        self.mask, self.positions, self.last = self.mask[index], self.positions[index], self.last[index]
+        if self.spliceable:
+            lead = int(self.mask.any(dim=0).int().argmax())  # first column some row still uses
+            if lead:
+                for layer in self.cache.layers:
+                    layer.keys = layer.keys[:, :, lead:]
+                    layer.values = layer.values[:, :, lead:]
+                self.mask = self.mask[:, lead:]
+
+    def splice(self, other: _Batch) -> None:
+        """Append `other`'s rows, left-padding whichever cache is shorter with masked zeros."""
+        import torch
+        from torch.nn.functional import pad
+
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def widen(kv: Any) -> Any:  # (rows, heads, columns, dim): zeros on the left of columns
+            return pad(kv, (0, 0, width - kv.shape[2], 0))
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([widen(mine.keys), widen(theirs.keys)])
+            mine.values = torch.cat([widen(mine.values), widen(theirs.values)])
+        self.mask = torch.cat([pad(self.mask, (width - self.mask.shape[1], 0)),
+                               pad(other.mask, (width - other.mask.shape[1], 0))])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.last = torch.cat([self.last, other.last])
+        self.rows = self.rows + other.rows

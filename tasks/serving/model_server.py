@@ -9,12 +9,15 @@ Endpoints (FastAPI, served by uvicorn):
   max_tokens / max_completion_tokens, stop and seed are honoured; n must be 1.
 - `POST /v1/adapters` `{"name", "path", "load"?}`, `GET /v1/adapters`, `DELETE /v1/adapters/{name}`:
   serve an adapter folder under a name at runtime (how champion and challenger get loaded).
-- `GET /health`: the model, loaded adapters and the number of queued requests.
+- `GET /health`: the model, loaded adapters, the number of pending requests, the batching knobs
+  and counters (`stats.decode_rows / stats.decode_steps` = mean requests per forward pass).
 
-Generation runs on one worker thread (the model is shared and CPU-bound), so the event loop stays
-free and concurrent requests queue in arrival order; beyond `max_pending` queued requests the server
-answers 503 with Retry-After. Errors use OpenAI's `{"error": {...}}` shape, so the official client
-raises its usual exceptions (404 → NotFoundError, 400 → BadRequestError).
+Generation runs on the model's scheduler thread (the model is shared and CPU-bound), so the event
+loop stays free; concurrent requests for the same model id are batched dynamically (up to
+`max_batch_size` rows share each forward pass, see `tasks.serving.generation`), and beyond
+`max_pending` queued or running requests the server answers 503 with Retry-After. Errors use
+OpenAI's `{"error": {...}}` shape, so the official client raises its usual exceptions
+(404 → NotFoundError, 400 → BadRequestError).
 
 Start it: `python -m tasks.serving.model_server --host 127.0.0.1 --port 8300`; in-process (demo,
 tests): `with running_model_server() as base_url: OpenAI(base_url=base_url, api_key="x")`.
@@ -31,8 +34,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +44,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tasks.serving.generation import (
+    DEFAULT_BATCH_WINDOW_MS,
+    DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_TOKENS,
     ChatModel,
+    Completion,
     GenerationParams,
     ModelServerError,
     PreparedChat,
     StreamEvent,
+    check_batching,
 )
 
 log = logging.getLogger(__name__)
@@ -147,13 +153,12 @@ def _sse(payload: dict[str, Any] | str) -> str:
 
 
 class _Runtime:
-    """The loaded model, its one generation thread and the queue accounting."""
+    """The loaded model and the accounting of requests handed to its scheduler."""
 
     def __init__(self, chat_model: ChatModel, max_pending: int) -> None:
         self.chat_model = chat_model
         self.max_pending = max_pending
-        self.pending = 0
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneloop-generate")
+        self.pending = 0  # chat requests queued or decoding; only touched on the event loop
 
     def admit(self) -> None:
         if self.pending >= self.max_pending:
@@ -162,22 +167,25 @@ class _Runtime:
                 "or lower the client's concurrency", status_code=503, code="server_busy",
             )
 
-    def submit(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
-        """Run fn on the generation thread; `pending` counts it until it finishes."""
-        self.pending += 1
+    def start(self, prepared: PreparedChat,
+              cancel: threading.Event) -> asyncio.Queue[StreamEvent | BaseException]:
+        """Hand `prepared` to the model's scheduler; its events (or its error) arrive in the
+        returned queue. `pending` counts the request until its last event or error."""
         loop = asyncio.get_running_loop()
+        events: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
 
-        def run() -> Any:
-            try:
-                return fn()
-            finally:
-                with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
-                    loop.call_soon_threadsafe(self._done)
+        def deliver(item: StreamEvent | BaseException) -> None:
+            events.put_nowait(item)
+            if isinstance(item, BaseException) or item.finish_reason is not None:
+                self.pending -= 1
 
-        return loop.run_in_executor(self.executor, run)
+        def sink(item: StreamEvent | BaseException) -> None:
+            # Raises RuntimeError once the loop is closed: the scheduler then cancels the request.
+            loop.call_soon_threadsafe(deliver, item)
 
-    def _done(self) -> None:
-        self.pending -= 1
+        self.chat_model.submit(prepared, sink, cancel)
+        self.pending += 1
+        return events
 
 
 def _default_adapter_root() -> Path:
@@ -195,15 +203,21 @@ def create_app(
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     max_pending: int = DEFAULT_MAX_PENDING,
     num_threads: int | None = None,
+    max_batch_size: int | None = None,
+    batch_window_ms: float | None = None,
 ) -> FastAPI:
     """The FastAPI app. The model loads at startup (lifespan) unless `chat_model` is given.
 
     `model_path` defaults to the converted SmolLM2 folder (`tasks.models.smollm2_path()`);
     adapters are looked up under `<data_dir>/adapters/` and then each of `adapter_roots`.
     `model_name` is the base model id (default `smollm2-135m-instruct`); `num_threads` sets
-    torch's intra-op threads (see `ChatModel`). A ready `chat_model` is served as it is (its own
-    adapter roots apply; model_path, adapter_roots, model_name and num_threads are not used).
+    torch's intra-op threads (see `ChatModel`). `max_batch_size` (default 8; 1 = no batching)
+    and `batch_window_ms` (default 5) tune dynamic batching. A ready `chat_model` is served as it
+    is (its own adapter roots apply; model_path, adapter_roots, model_name and num_threads are not
+    used); max_batch_size / batch_window_ms, when given, are applied to it at startup.
     """
+    check_batching(DEFAULT_MAX_BATCH_SIZE if max_batch_size is None else max_batch_size,
+                   DEFAULT_BATCH_WINDOW_MS if batch_window_ms is None else batch_window_ms)
     from tasks.models import SMOLLM2_NAME
 
     name = model_name or SMOLLM2_NAME
@@ -214,16 +228,23 @@ def create_app(
         model = chat_model
         if model is None:
             try:
-                model = await asyncio.to_thread(_load_chat_model, model_path, name, roots,
-                                                default_max_tokens, num_threads)
+                model = await asyncio.to_thread(
+                    _load_chat_model, model_path, name, roots, default_max_tokens, num_threads,
+                    DEFAULT_MAX_BATCH_SIZE if max_batch_size is None else max_batch_size,
+                    DEFAULT_BATCH_WINDOW_MS if batch_window_ms is None else batch_window_ms,
+                )
             except Exception as exc:
                 app.state.startup_error = exc
                 log.exception("model server failed to load its model")
                 raise
+        else:
+            model.configure_batching(max_batch_size=max_batch_size,
+                                     batch_window_ms=batch_window_ms)
         runtime = _Runtime(model, max_pending)
         app.state.runtime = runtime
         yield
-        runtime.executor.shutdown(wait=False, cancel_futures=True)
+        if chat_model is None:  # ours to stop; a model passed in may serve another app
+            model.close()
 
     app = FastAPI(title="tuneloop model server", lifespan=lifespan)
     app.state.startup_error = None
@@ -255,6 +276,7 @@ def create_app(
             "model_path": str(model.model_path),
             "loaded_adapters": model.loaded_adapters(),
             "pending": runtime.pending,
+            "batching": model.batching_info(),
             "stats": dict(model.stats),
         }
 
@@ -287,21 +309,20 @@ def create_app(
         runtime = runtime_of(request)
         model = runtime.chat_model
         info = await asyncio.to_thread(model.register_adapter, body.name, Path(body.path))
-        if body.load:  # load now (queued behind running generations) so errors surface here
+        if body.load:  # load now (after the running batch) so errors surface here
             model_id = f"{model.model_name}:{body.name}"
             try:
-                await runtime.submit(lambda: model.load_adapter(model_id))
+                await asyncio.to_thread(model.load_adapter, model_id)
             except ModelServerError:
-                await runtime.submit(lambda: model.unregister_adapter(body.name))
+                await asyncio.to_thread(model.unregister_adapter, body.name)
                 raise
             info.loaded = True
         return adapter_body(model, info)
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
-        runtime = runtime_of(request)
-        model = runtime.chat_model
-        removed = await runtime.submit(lambda: model.unregister_adapter(name))
+        model = runtime_of(request).chat_model
+        removed = await asyncio.to_thread(model.unregister_adapter, name)
         if not removed:
             raise ModelServerError(
                 f"adapter {name!r} was not registered with POST /v1/adapters (adapters found "
@@ -330,7 +351,7 @@ def create_app(
             )
         cancel = threading.Event()
         try:
-            completion = await runtime.submit(lambda: model.generate(prepared, cancel))
+            completion = await _collect(runtime.start(prepared, cancel), prepared)
         finally:
             cancel.set()  # no-op when done; stops the work if this handler was cancelled
         return JSONResponse({
@@ -351,29 +372,27 @@ def create_app(
     return app
 
 
+async def _collect(events: asyncio.Queue[StreamEvent | BaseException],
+                   prepared: PreparedChat) -> Completion:
+    """Wait for a request's events and join them into one completion (errors are raised)."""
+    parts: list[str] = []
+    while True:
+        item = await events.get()
+        if isinstance(item, BaseException):
+            raise item
+        parts.append(item.delta)
+        if item.finish_reason is not None:
+            return Completion("".join(parts), item.finish_reason, item.prompt_tokens,
+                              item.completion_tokens, prepared.model_id)
+
+
 async def _stream_chunks(
     runtime: _Runtime, prepared: PreparedChat, completion_id: str, created: int,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    """SSE lines for one streamed completion; generation runs on the worker thread."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
+    """SSE lines for one streamed completion; generation runs on the model's scheduler thread."""
     cancel = threading.Event()
     model = runtime.chat_model
-
-    def put(item: StreamEvent | BaseException) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone: nobody is listening any more
-            cancel.set()
-
-    def work() -> None:
-        try:
-            with contextlib.closing(model.stream(prepared, cancel)) as events:
-                for event in events:
-                    put(event)
-        except BaseException as exc:  # delivered to the client as an SSE error event
-            put(exc)
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
         payload: dict[str, Any] = {
@@ -386,7 +405,7 @@ async def _stream_chunks(
             payload["usage"] = None
         return _sse(payload)
 
-    runtime.submit(work)
+    queue = runtime.start(prepared, cancel)
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
@@ -415,26 +434,30 @@ async def _stream_chunks(
 
 
 def _load_chat_model(model_path: Path | None, model_name: str, adapter_roots: list[Path],
-                     default_max_tokens: int, num_threads: int | None) -> ChatModel:
+                     default_max_tokens: int, num_threads: int | None, max_batch_size: int,
+                     batch_window_ms: float) -> ChatModel:
     if model_path is None:
         from tasks.models import smollm2_path
 
         model_path = smollm2_path()
     return ChatModel(model_path, model_name=model_name, adapter_roots=adapter_roots,
-                     default_max_tokens=default_max_tokens, num_threads=num_threads)
+                     default_max_tokens=default_max_tokens, num_threads=num_threads,
+                     max_batch_size=max_batch_size, batch_window_ms=batch_window_ms)
 
 
 # ---- running it ----------------------------------------------------------------------------------
 def serve(host: str | None = None, port: int | None = None, *, model_path: Path | None = None,
           adapter_roots: list[Path] | None = None, num_threads: int | None = None,
-          log_level: str = "info") -> None:
+          max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+          batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, log_level: str = "info") -> None:
     """Serve in the foreground (blocks); host/port default to TUNELOOP_MODEL_SERVER_HOST/_PORT."""
     import uvicorn
 
     from tasks.settings import get_settings
 
     settings = get_settings()
-    app = create_app(model_path, adapter_roots=adapter_roots, num_threads=num_threads)
+    app = create_app(model_path, adapter_roots=adapter_roots, num_threads=num_threads,
+                     max_batch_size=max_batch_size, batch_window_ms=batch_window_ms)
     uvicorn.run(app, host=host or settings.model_server_host,
                 port=port or settings.model_server_port, log_level=log_level)
 
@@ -510,12 +533,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: one per core; use 1 on a busy "
                              "shared machine)")
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help="requests decoded together per forward pass (default: "
+                             f"{DEFAULT_MAX_BATCH_SIZE}; 1 turns batching off)")
+    parser.add_argument("--batch-window-ms", type=float, default=DEFAULT_BATCH_WINDOW_MS,
+                        help="how long a new batch waits for more requests (default: "
+                             f"{DEFAULT_BATCH_WINDOW_MS:g} ms)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    try:
+        check_batching(args.max_batch_size, args.batch_window_ms)
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(args.host, args.port, model_path=args.model_path, adapter_roots=args.adapter_root,
-          num_threads=args.threads, log_level=args.log_level)
+          num_threads=args.threads, max_batch_size=args.max_batch_size,
+          batch_window_ms=args.batch_window_ms, log_level=args.log_level)
 
 
 if __name__ == "__main__":

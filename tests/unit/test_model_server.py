@@ -2,13 +2,16 @@
 
 One server per module (port 0) on one SmolLM2 load; a LoRA adapter with random non-zero weights is
 made from a copy of that model and saved under a temporary adapter root. Completions stay short
-(~15 tokens/s on 2 CPU cores).
+(~15 tokens/s on 2 CPU cores). The batching tests drive `ChatModel.submit` directly with a long
+batch window that closes when the batch is full, so which requests share a batch is deterministic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import queue
 import threading
 import time
 from pathlib import Path
@@ -16,7 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tasks.serving.generation import GenerationParams, ModelServerError, _stop_holdback
+from tasks.serving.generation import (
+    PREFILL_PADDING_SLACK,
+    GenerationParams,
+    ModelServerError,
+    _prefill_groups,
+    _stop_holdback,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -448,3 +457,202 @@ def test_generation_params_errors_say_the_fix(params, message):
     with pytest.raises(ValidationError) as info:
         GenerationParams(**params)
     assert message in str(info.value)
+
+
+# ---- dynamic batching ----------------------------------------------------------------------------
+PROMPTS = [  # different lengths, so rows are left-padded differently
+    [{"role": "user", "content": "Hi"}],
+    MESSAGES,
+    [{"role": "system", "content": "You are a patient teacher who explains things step by step."},
+     {"role": "user", "content": "Explain why the sky is blue, and why sunsets are red, to a "
+                                 "ten year old who loves football and dinosaurs."}],
+    [{"role": "user", "content": "What is 2+2? Answer with the number only."}],
+]
+
+
+@contextlib.contextmanager
+def _batching(chat_model, **options):
+    before = {"max_batch_size": chat_model.max_batch_size,
+              "batch_window_ms": chat_model.batch_window_ms}
+    chat_model.configure_batching(**options)
+    try:
+        yield
+    finally:
+        chat_model.configure_batching(**before)
+
+
+def _drain(events: queue.SimpleQueue):
+    """Join one submitted request's events into (text, finish_reason, completion_tokens)."""
+    parts = []
+    while True:
+        item = events.get(timeout=120)
+        if isinstance(item, BaseException):
+            raise item
+        parts.append(item.delta)
+        if item.finish_reason is not None:
+            return "".join(parts), item.finish_reason, item.completion_tokens
+
+
+def _stats_delta(chat_model, before: dict) -> dict:
+    return {key: chat_model.stats[key] - before[key] for key in before}
+
+
+def _in_one_batch_each(chat_model, prepared: list, *, per_batch: int | None = None):
+    """Submit all at once; the batch window only closes when `per_batch` requests are queued."""
+    before = dict(chat_model.stats)
+    queues = [queue.SimpleQueue() for _ in prepared]
+    with _batching(chat_model, max_batch_size=per_batch or len(prepared), batch_window_ms=10_000):
+        for request, events in zip(prepared, queues, strict=True):
+            chat_model.submit(request, events.put)
+        results = [_drain(events) for events in queues]
+    return results, _stats_delta(chat_model, before)
+
+
+def _solo(chat_model, request):
+    completion = chat_model.generate(request)  # nothing else queued: a batch of one
+    return completion.text, completion.finish_reason, completion.completion_tokens
+
+
+def _prepare(chat_model, messages, model: str = BASE, **params):
+    return chat_model.prepare(model, messages, GenerationParams(**{"temperature": 0,
+                                                                   "max_tokens": 8, **params}))
+
+
+@pytest.fixture(scope="module")
+def solo_greedy(chat_model, server_url):
+    _wait_until_idle(server_url)
+    return [_solo(chat_model, _prepare(chat_model, messages)) for messages in PROMPTS]
+
+
+def test_batched_greedy_equals_unbatched_greedy_for_prompts_of_different_lengths(
+        chat_model, solo_greedy):
+    requests = [_prepare(chat_model, m) for m in PROMPTS]
+    lengths = [r.prompt_tokens for r in requests]
+    assert len(set(lengths)) == len(PROMPTS)
+    # The longest prompt pads the others; the shortest is prefilled apart and spliced in.
+    assert len(_prefill_groups(lengths, PREFILL_PADDING_SLACK)) == 2
+    results, delta = _in_one_batch_each(chat_model, requests)
+    assert results == solo_greedy
+    assert delta["batches"] == 1 and delta["requests"] == len(PROMPTS)
+    assert delta["prefills"] == 2
+    assert delta["decode_rows"] > delta["decode_steps"]  # the rows really shared forward passes
+
+
+def test_requests_joining_a_running_batch_match_their_unbatched_output(chat_model, solo_greedy):
+    story = [{"role": "user", "content": "Write a long story about a dragon and a knight."}]
+    running = _prepare(chat_model, story, max_tokens=20)
+    running_solo = _solo(chat_model, running)
+    before = dict(chat_model.stats)
+    running_events: queue.SimpleQueue = queue.SimpleQueue()
+    chat_model.submit(running, running_events.put)
+    first = running_events.get(timeout=120)  # the batch is decoding now
+    # Shorter and longer than the running batch's cache, so either side gets padded on splicing.
+    joiners = [_prepare(chat_model, m) for m in PROMPTS]
+    queues = [queue.SimpleQueue() for _ in joiners]
+    for request, events in zip(joiners, queues, strict=True):
+        chat_model.submit(request, events.put)
+    assert [_drain(events) for events in queues] == solo_greedy
+    text, finish, tokens = _drain(running_events)
+    assert (first.delta + text, finish, tokens) == running_solo
+    delta = _stats_delta(chat_model, before)
+    assert delta["batches"] == 1 and delta["joined"] == len(joiners)
+
+
+def test_each_row_keeps_its_own_max_tokens_and_stop_strings(chat_model, solo_greedy):
+    full_text = solo_greedy[1][0]
+    words = full_text.split()
+    assert len(words) >= 3, f"greedy reply too short to pick a stop word from: {full_text!r}"
+    stop = words[len(words) // 2]
+    results, delta = _in_one_batch_each(chat_model, [
+        _prepare(chat_model, PROMPTS[1], max_tokens=2),
+        _prepare(chat_model, PROMPTS[1], stop=[stop]),
+        _prepare(chat_model, PROMPTS[1], max_tokens=5, stop=["never-occurs-xyz"]),
+        _prepare(chat_model, PROMPTS[2]),
+    ])
+    short, stopped, five, untouched = results
+    assert short[1:] == ("length", 2) and full_text.startswith(short[0])
+    assert stopped[0] == full_text[:full_text.index(stop)] and stopped[1] == "stop"
+    assert five[1:] == ("length", 5) and full_text.startswith(five[0])
+    assert untouched == solo_greedy[2]  # rows leaving the batch did not disturb the others
+    assert delta["batches"] == 1
+
+
+def test_seeded_sampling_in_a_batch_is_reproducible_and_matches_solo(chat_model):
+    sampled = {"temperature": 1.2, "top_p": 0.95, "max_tokens": 10}
+    requests = [
+        _prepare(chat_model, PROMPTS[1], **sampled, seed=7),
+        _prepare(chat_model, PROMPTS[1], **sampled, seed=8),
+        _prepare(chat_model, PROMPTS[2], max_tokens=10),
+        _prepare(chat_model, PROMPTS[2], **sampled, seed=7),
+    ]
+    first, _ = _in_one_batch_each(chat_model, requests)
+    second, _ = _in_one_batch_each(chat_model, requests)
+    assert first == second
+    assert first[0][0] != first[1][0]  # each row samples from its own generator
+    for index in (0, 3):  # a seed gives the same text whatever shares the batch
+        assert first[index] == _solo(chat_model, requests[index])
+
+
+def test_base_and_adapter_requests_batch_by_model_and_get_their_own_output(
+        chat_model, adapter_dir, solo_greedy):
+    adapter_model = f"{BASE}:{ADAPTER}"
+    adapter_solo = [_solo(chat_model, _prepare(chat_model, PROMPTS[i], model=adapter_model))
+                    for i in (1, 2)]
+    requests = [_prepare(chat_model, PROMPTS[1]),
+                _prepare(chat_model, PROMPTS[1], model=adapter_model),
+                _prepare(chat_model, PROMPTS[2]),
+                _prepare(chat_model, PROMPTS[2], model=adapter_model)]
+    results, delta = _in_one_batch_each(chat_model, requests, per_batch=2)
+    assert delta["batches"] == 2  # one batch per model id, never mixed
+    assert [results[0], results[2]] == [solo_greedy[1], solo_greedy[2]]
+    assert [results[1], results[3]] == adapter_solo
+    assert adapter_solo[0][0] != solo_greedy[1][0]
+
+
+def test_disconnecting_one_stream_leaves_its_batch_mates_intact(client, server_url, greedy_base):
+    before = _wait_until_idle(server_url)["stats"]
+    stream = client.chat.completions.create(
+        model=BASE, temperature=0, max_tokens=200, stream=True,
+        messages=[{"role": "user", "content": "Write a very long essay about the sea."}],
+    )
+    next(c for c in stream if c.choices and c.choices[0].delta.content)
+    results: list[str] = []
+    mate = threading.Thread(target=lambda: results.append(
+        _greedy(client).choices[0].message.content))
+    mate.start()
+    deadline = time.monotonic() + 60
+    while _health(server_url)["batching"]["running"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stream.close()
+    mate.join(timeout=120)
+    after = _wait_until_idle(server_url)["stats"]
+    assert results == [greedy_base.choices[0].message.content]
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["joined"] >= before["joined"] + 1
+
+
+def test_health_reports_the_batching_options(server_url):
+    batching = _health(server_url)["batching"]
+    assert batching["max_batch_size"] == 8 and batching["batch_window_ms"] == 5.0
+    assert batching["queued"] == 0
+
+
+def test_out_of_range_batching_options_are_rejected_with_the_fix(chat_model):
+    from tasks.serving.model_server import create_app, main
+
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
+        chat_model.configure_batching(max_batch_size=0)
+    with pytest.raises(ValueError, match="batch_window_ms must be in"):
+        create_app(chat_model=chat_model, batch_window_ms=-1)
+    with pytest.raises(SystemExit):
+        main(["--max-batch-size", "0"])
+    assert chat_model.max_batch_size == 8
+
+
+@pytest.mark.parametrize(("lengths", "groups"), [
+    ([40, 38, 42], [[2, 0, 1]]),  # similar lengths: one padded prefill
+    ([50, 500, 45, 48], [[1], [0, 3, 2]]),  # one long prompt would triple the padded work
+    ([], []),
+])
+def test_prefill_groups_bound_padding(lengths, groups):
+    assert _prefill_groups(lengths, PREFILL_PADDING_SLACK) == groups
