@@ -82,7 +82,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
 
     _say("starting the local model server (SmolLM2-135M-Instruct) ...")
     server_started = time.perf_counter()
-    with running_model_server(port=0) as base_url:
+    with running_model_server(port=0, max_batch_size=16) as base_url:
         timings["model server start"] = round(time.perf_counter() - server_started, 1)
         _use_endpoint(base_url)
         _say(f"model server: {base_url}")
