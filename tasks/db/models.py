@@ -64,6 +64,8 @@ class Conversation(Base):
     __table_args__ = (
         Index("ix_conversations_batch_status", "batch_id", "status"),
         Index("ix_conversations_content_hash", "content_hash"),
+        # generation shards read and dedup item ranges of a batch (migration 0002)
+        Index("ix_conversations_batch_item", "batch_id", "item_index"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -269,7 +271,11 @@ class Interaction(Base):
 
 class Reaction(Base):
     __tablename__ = "reactions"
-    __table_args__ = (Index("ix_reactions_interaction", "interaction_id"),)
+    __table_args__ = (
+        Index("ix_reactions_interaction", "interaction_id"),
+        # 0004 (signals): reaction datasets and the nightly count read reactions by type.
+        Index("ix_reactions_signal", "reaction", "dwell_ms"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # idempotency key hash
     interaction_id: Mapped[str] = mapped_column(
