@@ -18,6 +18,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import Param, dag, task
+
 from tuneloop_airflow.common import DATASET_ASSET, DEFAULT_ARGS, TAGS
 
 BUILT_TASK_ID = "enough_signals"

@@ -19,6 +19,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import Param, dag, task
+
 from tuneloop_airflow.common import DATASET_ASSET, DEFAULT_ARGS, TAGS, TAGS_ASSET
 
 GATE_TASK_ID = "gate_passed"

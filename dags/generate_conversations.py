@@ -18,6 +18,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import Param, dag, task
+
 from tuneloop_airflow.common import CONVERSATIONS_ASSET, DEFAULT_ARGS, LLM_POOL, TAGS
 
 PREVIEW_TASK_ID = "preview"
@@ -50,9 +51,8 @@ PLAN_TASK_ID = "plan_batch"
 def generate_conversations():
     @task
     def migrate_schema() -> None:
-        from tuneloop_airflow.connections import apply_connections
-
         from tasks.db import migrate
+        from tuneloop_airflow.connections import apply_connections
 
         apply_connections()
         migrate()

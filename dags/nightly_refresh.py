@@ -15,6 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import CronTriggerTimetable, Param, dag, task
+
 from tuneloop_airflow.common import DATASET_ASSET, DEFAULT_ARGS, NIGHTLY_CRON, TAGS
 
 DECIDE_TASK_ID = "enough_new_signals"

@@ -17,6 +17,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+
 from tuneloop_airflow.common import DEFAULT_ARGS, MODEL_ASSET, SHADOW_COMPARE_CRON, TAGS
 
 

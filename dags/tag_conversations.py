@@ -19,6 +19,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import Param, dag, task
+
 from tuneloop_airflow.common import CONVERSATIONS_ASSET, DEFAULT_ARGS, LLM_POOL, TAGS, TAGS_ASSET
 
 
@@ -72,9 +73,8 @@ def tag_conversations():
 
     @task(outlets=[TAGS_ASSET])
     def stats(tagged: list[dict], judged: list[dict], params: dict | None = None) -> dict:
-        from tasks.tag import tagging_stats
-
         from tasks.settings import get_settings
+        from tasks.tag import tagging_stats
 
         out_dir = get_settings().data_dir / "reports" / "tagging"
         return tagging_stats(_config(params), out_dir)

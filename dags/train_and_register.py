@@ -21,6 +21,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import Param, dag, task
+
 from tuneloop_airflow.common import DATASET_ASSET, DEFAULT_ARGS, GPU_POOL, MODEL_ASSET, TAGS
 from tuneloop_airflow.operators import ContainerTrainerOperator
 
