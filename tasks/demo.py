@@ -28,7 +28,7 @@ class DemoConfig(BaseModel):
     conversations: int = Field(50, ge=5, description="conversations to generate")
     turns: int = Field(1, ge=1, le=6)
     seed: int = 42
-    generation_max_tokens: int = Field(64, ge=8)
+    generation_max_tokens: int = Field(384, ge=8)
     train_steps: int = Field(30, ge=1)
     simulated_requests: int = Field(400, ge=10)
     simulated_users: int = Field(80, ge=2)
@@ -53,6 +53,44 @@ def _step(name: str, timings: dict[str, float]):
     _say(f"{name} done in {timings[name]:.1f} s")
 
 
+@contextmanager
+def _model_server_process(max_batch_size: int = 16, startup_timeout_s: float = 600.0):
+    """Run the model server in its own process (as in production): the demo's own work (client,
+    embeddings, training) must not share a GIL with token generation."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.serving.model_server", "--host",
+                             "127.0.0.1", "--port", str(port), "--max-batch-size",
+                             str(max_batch_size), "--log-level", "warning"])
+    base_url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + startup_timeout_s
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise DemoFailed(f"the model server exited with code {proc.returncode}; "
+                                 "run `python -m tasks.serving.model_server` to see why")
+            try:
+                urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise DemoFailed("the model server did not become healthy in time") from None
+                time.sleep(0.5)
+        yield base_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def _use_endpoint(base_url: str) -> None:
     """Point every LLM role and the router's backends at the local model server."""
     os.environ["TUNELOOP_LLM_BASE_URL"] = base_url
@@ -64,7 +102,6 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     from tasks.db.engine import get_engine, migrate
-    from tasks.serving.model_server import running_model_server
 
     cfg = cfg or DemoConfig()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,7 +119,7 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
 
     _say("starting the local model server (SmolLM2-135M-Instruct) ...")
     server_started = time.perf_counter()
-    with running_model_server(port=0, max_batch_size=16) as base_url:
+    with _model_server_process() as base_url:
         timings["model server start"] = round(time.perf_counter() - server_started, 1)
         _use_endpoint(base_url)
         _say(f"model server: {base_url}")
@@ -132,7 +169,7 @@ def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
         tag_cfg = tag_cfg.model_copy(update={
             "backends": {**tag_cfg.backends, "belief": "heuristic",
                          "hallucination": "heuristic"},
-            "judge_mode": "combined", "max_in_flight": 8,
+            "judge_mode": "combined", "max_in_flight": 16, "max_tokens": 384,
         })
         with tqdm(desc="tag", unit="task") as bar:
             def tag_progress(done: int, total: int) -> None:
