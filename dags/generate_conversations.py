@@ -72,7 +72,9 @@ def generate_conversations():
     @task(task_id=PLAN_TASK_ID)
     def plan(params: dict | None = None) -> list[dict]:
         from tasks.generate import plan_batch
+        from tuneloop_airflow.connections import apply_connections
 
+        apply_connections()  # the batch id depends on the resolved model and database
         return plan_batch(_config(params))["shards"]  # each shard carries its batch_id
 
     @task(pool=LLM_POOL, max_active_tis_per_dagrun=4)
@@ -86,7 +88,9 @@ def generate_conversations():
     @task(outlets=[CONVERSATIONS_ASSET])
     def finalize(shards: list[dict], shard_results: list[dict], outlet_events=None) -> dict:
         from tasks.generate import finalize_batch
+        from tuneloop_airflow.connections import apply_connections
 
+        apply_connections()
         batch_id = shards[0]["batch_id"]
         summary = finalize_batch(batch_id)
         outlet_events[CONVERSATIONS_ASSET].extra = {"batch_id": batch_id}

@@ -82,20 +82,52 @@ def _best_over_threshold(sim_o: np.ndarray, sim_c: np.ndarray, t_o: float,
                          t_c: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per row: any hit, the column of the best hit, its kind (0 opening, 1 conv), similarity.
 
-    The best hit is ranked by margin over its threshold, so the two kinds compare fairly.
+    The best hit is ranked by margin over its threshold, so the two kinds compare fairly. A row
+    maximum first finds the (usually few) rows with any hit; only those are examined further.
     """
-    margin_o = np.where(sim_o >= t_o, sim_o - t_o, -np.inf)
-    margin_c = np.where(sim_c >= t_c, sim_c - t_c, -np.inf)
-    best_o = margin_o.argmax(axis=1)
-    best_c = margin_c.argmax(axis=1)
-    rows = np.arange(sim_o.shape[0])
-    top_o = margin_o[rows, best_o]
-    top_c = margin_c[rows, best_c]
-    use_c = top_c > top_o
-    column = np.where(use_c, best_c, best_o)
-    similarity = np.where(use_c, sim_c[rows, best_c], sim_o[rows, best_o])
-    hit = np.isfinite(np.maximum(top_o, top_c))
-    return hit, column, use_c.astype(np.int8), similarity
+    n = sim_o.shape[0]
+    hit = (sim_o.max(axis=1, initial=-np.inf) >= t_o) | (sim_c.max(axis=1, initial=-np.inf) >= t_c)
+    column = np.zeros(n, dtype=np.int64)
+    kind = np.zeros(n, dtype=np.int8)
+    similarity = np.zeros(n, dtype=np.float32)
+    rows = np.flatnonzero(hit)
+    if rows.size:
+        sub_o, sub_c = sim_o[rows], sim_c[rows]
+        margin_o = np.where(sub_o >= t_o, sub_o - t_o, -np.inf)
+        margin_c = np.where(sub_c >= t_c, sub_c - t_c, -np.inf)
+        best_o = margin_o.argmax(axis=1)
+        best_c = margin_c.argmax(axis=1)
+        local = np.arange(rows.size)
+        use_c = margin_c[local, best_c] > margin_o[local, best_o]
+        column[rows] = np.where(use_c, best_c, best_o)
+        kind[rows] = use_c.astype(np.int8)
+        similarity[rows] = np.where(use_c, sub_c[local, best_c], sub_o[local, best_o])
+    return hit, column, kind, similarity
+
+
+def _best_match(b_open: np.ndarray, b_conv: np.ndarray, ref_open: np.ndarray,
+                ref_conv: np.ndarray, t_o: float, t_c: float, chunk: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Best hit of each block row over a reference set scanned in column chunks (bounded memory):
+    (hit, reference row, kind, similarity)."""
+    size = b_open.shape[0]
+    best_margin = np.full(size, -np.inf, dtype=np.float32)
+    best_sim = np.zeros(size, dtype=np.float32)
+    best_col = np.zeros(size, dtype=np.int64)
+    best_kind = np.zeros(size, dtype=np.int8)
+    for r_start in range(0, ref_open.shape[0], chunk):
+        r_stop = min(r_start + chunk, ref_open.shape[0])
+        hit, column, kind, similarity = _best_over_threshold(
+            b_open @ ref_open[r_start:r_stop].T, b_conv @ ref_conv[r_start:r_stop].T, t_o, t_c)
+        if not hit.any():
+            continue
+        margin = np.where(hit, similarity - np.where(kind == 1, t_c, t_o), -np.inf)
+        better = margin > best_margin
+        best_margin[better] = margin[better]
+        best_sim[better] = similarity[better]
+        best_col[better] = column[better] + r_start
+        best_kind[better] = kind[better]
+    return np.isfinite(best_margin), best_col, best_kind, best_sim
 
 
 def find_duplicates(
@@ -136,69 +168,52 @@ def find_duplicates(
         size = stop - start
         is_dup = np.zeros(size, dtype=bool)
 
-        # 1. against the stored set, in column blocks to bound memory
-        best_sim = np.full(size, -np.inf)
-        best_margin = np.full(size, -np.inf)
-        best_col = np.zeros(size, dtype=np.int64)
-        best_kind = np.zeros(size, dtype=np.int8)
-        for s_start in range(0, len(stored_ids), block_size * 4):
-            s_stop = min(s_start + block_size * 4, len(stored_ids))
-            hit, column, kind, similarity = _best_over_threshold(
-                b_open @ s_open[s_start:s_stop].T, b_conv @ s_conv[s_start:s_stop].T,
-                opening_threshold, conversation_threshold)
-            thresholds = np.where(kind == 1, conversation_threshold, opening_threshold)
-            margin = np.where(hit, similarity - thresholds, -np.inf)
-            better = margin > best_margin
-            best_margin = np.where(better, margin, best_margin)
-            best_sim = np.where(better, similarity, best_sim)
-            best_col = np.where(better, column + s_start, best_col)
-            best_kind = np.where(better, kind, best_kind)
-        for row in np.flatnonzero(np.isfinite(best_margin)):
+        # 1. against the stored set, in column chunks to bound memory
+        hit, column, kind, similarity = _best_match(
+            b_open, b_conv, s_open, s_conv, opening_threshold, conversation_threshold,
+            block_size * 4)
+        for row in np.flatnonzero(hit):
             is_dup[row] = True
-            duplicates.append(Duplicate(start + int(row), stored_ids[int(best_col[row])],
-                                        kinds[int(best_kind[row])], round(float(best_sim[row]), 4),
+            duplicates.append(Duplicate(start + int(row), stored_ids[int(column[row])],
+                                        kinds[int(kind[row])], round(float(similarity[row]), 4),
                                         "stored"))
 
         # 2. against conversations kept from earlier blocks
         if kept:
-            hit, column, kind, similarity = _best_over_threshold(
-                b_open @ kept_open[:kept].T, b_conv @ kept_conv[:kept].T,
-                opening_threshold, conversation_threshold)
+            hit, column, kind, similarity = _best_match(
+                b_open, b_conv, kept_open[:kept], kept_conv[:kept], opening_threshold,
+                conversation_threshold, block_size * 4)
             for row in np.flatnonzero(hit & ~is_dup):
                 is_dup[row] = True
                 duplicates.append(Duplicate(
                     start + int(row), ids[int(kept_index[column[row]])], kinds[int(kind[row])],
                     round(float(similarity[row]), 4), "batch"))
 
-        # 3. within the block, greedily in order
+        # 3. within the block, greedily in order (only rows with an earlier match need a look)
         within_o = b_open @ b_open.T
         within_c = b_conv @ b_conv.T
-        over = (within_o >= opening_threshold) | (within_c >= conversation_threshold)
-        block_kept: list[int] = []
-        for row in range(size):
-            if is_dup[row]:
+        over = np.tril((within_o >= opening_threshold) | (within_c >= conversation_threshold), -1)
+        kept_mask = ~is_dup
+        for row in np.flatnonzero(over.any(axis=1)):
+            if not kept_mask[row]:
                 continue
-            if block_kept:
-                earlier = np.asarray(block_kept)
-                matches = earlier[over[row, earlier]]
-                if matches.size:
-                    margins = np.maximum(within_o[row, matches] - opening_threshold,
-                                         within_c[row, matches] - conversation_threshold)
-                    best = int(matches[int(margins.argmax())])
-                    use_c = (within_c[row, best] - conversation_threshold
-                             > within_o[row, best] - opening_threshold)
-                    is_dup[row] = True
-                    duplicates.append(Duplicate(
-                        start + row, ids[start + best], kinds[int(use_c)],
-                        round(float(within_c[row, best] if use_c else within_o[row, best]), 4),
-                        "batch"))
-                    continue
-            block_kept.append(row)
-        for row in block_kept:
-            kept_open[kept] = b_open[row]
-            kept_conv[kept] = b_conv[row]
-            kept_index[kept] = start + row
-            kept += 1
+            matches = np.flatnonzero(over[row, :row] & kept_mask[:row])
+            if not matches.size:
+                continue
+            margins = np.maximum(within_o[row, matches] - opening_threshold,
+                                 within_c[row, matches] - conversation_threshold)
+            best = int(matches[int(margins.argmax())])
+            use_c = (within_c[row, best] - conversation_threshold
+                     > within_o[row, best] - opening_threshold)
+            kept_mask[row] = False
+            duplicates.append(Duplicate(
+                start + int(row), ids[start + best], kinds[int(use_c)],
+                round(float(within_c[row, best] if use_c else within_o[row, best]), 4), "batch"))
+        block_kept = np.flatnonzero(kept_mask)
+        kept_open[kept: kept + block_kept.size] = b_open[block_kept]
+        kept_conv[kept: kept + block_kept.size] = b_conv[block_kept]
+        kept_index[kept: kept + block_kept.size] = start + block_kept
+        kept += block_kept.size
 
     duplicates.sort(key=lambda d: d.index)
     return duplicates
