@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -237,13 +237,9 @@ class CurationConfig(BaseModel):
     @classmethod
     def from_params(cls, params: dict[str, Any] | None) -> CurationConfig:
         """Build from Airflow Params (or any dict); blank strings mean unset, unknown keys fail."""
-        values = {k: v for k, v in (params or {}).items() if v is not None}
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            lines = [f"{'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg']}"
-                     for e in exc.errors()]
-            raise CurationError("invalid curation config:\n  " + "\n  ".join(lines)) from None
+        from tasks.configs import config_from_params
+
+        return config_from_params(cls, params, CurationError, "curation")
 
     def fingerprint(self, edge_case_target: float | None) -> dict[str, Any]:
         """The filters and thresholds recorded on the dataset (and hashed into its id)."""

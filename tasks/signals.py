@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -157,13 +157,9 @@ class SignalConfig(BaseModel):
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None) -> SignalConfig:
-        values = {k: v for k, v in (params or {}).items() if v is not None}
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            lines = [f"{'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg']}"
-                     for e in exc.errors()]
-            raise SignalConfigError("invalid signal config:\n  " + "\n  ".join(lines)) from None
+        from tasks.configs import config_from_params
+
+        return config_from_params(cls, params, SignalConfigError, "signal")
 
     def fingerprint(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"name"})
