@@ -149,6 +149,7 @@ def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
     with _step(f"generate {cfg.conversations} conversations", timings):
         gen_cfg = GenerationConfig(count=cfg.conversations, turns=cfg.turns, seed=cfg.seed,
                                    max_tokens=cfg.generation_max_tokens, shard_size=25,
+                                   user_stop=["\n\n"],
                                    concurrency=8)
         with tqdm(total=cfg.conversations, desc="generate", unit="conv") as bar:
             def progress(event: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.generate.dedup import DEFAULT_CONVERSATION_THRESHOLD, DEFAULT_OPENING_THRESHOLD
 from tasks.ids import canonical_json, stable_id
@@ -50,6 +50,9 @@ class GenerationConfig(BaseModel):
     temperature: float = 0.8
     top_p: float | None = None
     max_tokens: int = 384
+    # Stop sequences for plain user turns (not documents), e.g. ["\n\n"]: small local models
+    # keep writing past the first paragraph; a user message is one paragraph.
+    user_stop: list[str] = Field(default_factory=list)
     document_max_tokens: int = 1600
     timeout_s: float | None = None
     max_retries: int = 5

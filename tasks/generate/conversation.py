@@ -175,12 +175,14 @@ class ConversationGenerator:
                   "temperature": self.cfg.temperature, "max_tokens": max_tokens}
         if self.cfg.top_p is not None:
             params["top_p"] = self.cfg.top_p
+        if role == USER_ROLE and self.cfg.user_stop:
+            params["stop"] = list(self.cfg.user_stop)
         return params
 
     async def _call(self, client: Any, messages: list[dict[str, str]], *, seed: int,
-                    max_tokens: int) -> Any:
+                    max_tokens: int, stop: list[str] | None = None) -> Any:
         return await client.chat(
-            messages, temperature=self.cfg.temperature, max_tokens=max_tokens,
+            messages, temperature=self.cfg.temperature, max_tokens=max_tokens, stop=stop,
             top_p=self.cfg.top_p, seed=seed % (2**31), allow_truncated=True,
             use_cache=self.use_cache,
         )
@@ -233,8 +235,10 @@ class ConversationGenerator:
                 prompt = plan.prompts.persona_question(context)
             else:
                 prompt = plan.prompts.user_simulator(context, messages)
+            is_document = turn == 0 and item.scenario == SCENARIO_DOCUMENT
             result = await self._call(self.user_client, [{"role": "user", "content": prompt}],
-                                      seed=call_seed(turn, 0), max_tokens=max_tokens)
+                                      seed=call_seed(turn, 0), max_tokens=max_tokens,
+                                      stop=None if is_document else (self.cfg.user_stop or None))
             trace.record(USER_ROLE, turn, result)
             failure = self._problem(result, "user", turn, messages, first_name)
             user_text = clean_turn(result.text, "user", persona_name=first_name)
