@@ -125,7 +125,7 @@ def test_edge_case_share_at_the_tolerance_edge_passes():
 def test_planted_pii_is_blocked_and_not_copied_into_data_docs(tmp_path):
     rows = clean_rows()
     planted = ["reach me at dana.k@example.com", "my number is (555) 867-5309",
-               "reset: https://acme.io/reset?token=9f8e7d6c5b4a", "key sk-live0123456789abcdefghij"]
+               "reset: https://acme.io/reset?token=9f8e7d6c5b4a", "key sk-" "live0123456789abcdefghij"]
     for row, pii in zip(rows[10:14], planted, strict=True):
         row.messages[0]["content"] += " " + pii
     result = gate(rows, docs_dir=tmp_path / "docs")
