@@ -263,3 +263,18 @@ def test_a_shard_of_another_config_is_refused(db, server):
 def test_a_shard_of_an_unplanned_batch_says_to_plan_first(db):
     with pytest.raises(GenerationError, match="run plan_batch"):
         generate_shard({"batch_id": "nope", "start": 0, "stop": 1})
+
+
+def test_user_stop_sequences_reach_user_turns_only_and_are_recorded(db):
+    with FakeOpenAIServer(responder=REPLY, model_ids=("sim-model",)) as sim, \
+            FakeOpenAIServer(responder=REPLY, model_ids=("gen-model",)) as gen:
+        cfg = _cfg(gen.base_url, count=2, user_sim_base_url=sim.base_url,
+                   user_sim_model="sim-model", generator_model="gen-model",
+                   user_stop=["\n\n"])
+        summary = run_generation(cfg)
+        sim_stops = [r.get("stop") for r in sim.requests]
+        gen_stops = [r.get("stop") for r in gen.requests]
+    assert sim_stops and all(s == ["\n\n"] for s in sim_stops)
+    assert gen_stops and all(s is None for s in gen_stops)
+    row = _rows(db, summary["batch_id"])[0]
+    assert row.params["user_sim"]["stop"] == ["\n\n"]
