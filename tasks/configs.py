@@ -3,6 +3,8 @@ that list every bad field (each validator's message already says the fix)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -22,3 +24,26 @@ def config_from_params(model: type[ConfigT], params: dict[str, Any] | None,
         return model(**values)
     except ValidationError as exc:
         raise error(f"invalid {label} config:\n  " + "\n  ".join(validation_lines(exc))) from None
+
+
+def load_yaml_model(path: str, model: type[ConfigT], error: Callable[[str, str], Exception],
+                    mapping_hint: str) -> ConfigT:
+    """Parse a YAML file into `model`, stamped with its content hash and path.
+
+    `error(path, message)` builds the domain exception; messages say what to fix.
+    """
+    import yaml
+
+    from tasks.ids import content_hash
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise error(path, f"is not valid YAML ({exc}); check indentation") from None
+    if not isinstance(raw, dict):
+        raise error(path, f"must be a mapping with {mapping_hint}")
+    try:
+        parsed = model(**raw)
+    except ValidationError as exc:
+        raise error(path, "; ".join(validation_lines(exc))) from None
+    return parsed.model_copy(update={"content_hash": content_hash(raw), "path": path})

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.generate.taxonomy import seed_for, stratified_choices, stratified_indices
 from tasks.ids import content_hash, stable_id
@@ -151,20 +150,9 @@ class PersonaTemplate(_Strict):
 
 @functools.lru_cache(maxsize=16)
 def _load_cached(path: str, mtime_ns: int) -> PersonaTemplate:
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as exc:
-        raise PersonaError(path, f"is not valid YAML ({exc}); check indentation") from None
-    if not isinstance(raw, dict):
-        raise PersonaError(path, "must be a mapping with communication_styles, flaw_patterns, ...")
-    try:
-        template = PersonaTemplate(**raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise PersonaError(path, problems) from None
-    return template.model_copy(update={"content_hash": content_hash(raw), "path": path})
+    from tasks.configs import load_yaml_model
+
+    return load_yaml_model(path, PersonaTemplate, PersonaError, "communication_styles, flaw_patterns, ...")
 
 
 def load_personas(path: Path | str | None = None) -> PersonaTemplate:

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.ids import canonical_json, content_hash, stable_id
+from tasks.ids import canonical_json, stable_id
 from tasks.paths import RUBRICS_DIR
 
 DEFAULT_TAXONOMY_PATH = RUBRICS_DIR / "taxonomy.yaml"
@@ -165,21 +164,9 @@ def _normalise(weights: Mapping[str, float]) -> dict[str, float]:
 
 @functools.lru_cache(maxsize=16)
 def _load_cached(path: str, mtime_ns: int) -> Taxonomy:
-    source = Path(path)
-    try:
-        raw = yaml.safe_load(source.read_text())
-    except yaml.YAMLError as exc:
-        raise TaxonomyError(path, f"is not valid YAML ({exc}); check indentation") from None
-    if not isinstance(raw, dict):
-        raise TaxonomyError(path, "must be a mapping with `dimensions:` and `edge_cases:`")
-    try:
-        taxonomy = Taxonomy(**raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise TaxonomyError(path, problems) from None
-    return taxonomy.model_copy(update={"content_hash": content_hash(raw), "path": path})
+    from tasks.configs import load_yaml_model
+
+    return load_yaml_model(path, Taxonomy, TaxonomyError, "`dimensions:` and `edge_cases:`")
 
 
 def load_taxonomy(path: Path | str | None = None) -> Taxonomy:
