@@ -15,12 +15,14 @@ completion from one of 1000 users. Printed, measured in the same run:
   row-at-a-time writes (`batched_vs_single_ratio`).
 
     .venv/bin/python bench/router.py [--rate 300] [--seconds 5] [--rounds 3] [--latency-ms 5]
+                                     [--router-args=--no-gc-freeze]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import socket
 import subprocess
@@ -36,6 +38,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+    uvloop = None
 
 from tasks.serving.router import InteractionLog, interaction_row  # noqa: E402
 from tasks.settings import DEFAULT_LOCAL_MODEL  # noqa: E402
@@ -74,7 +81,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_router(backend_url: str, database_url: str) -> tuple[subprocess.Popen, str]:
+def start_router(backend_url: str, database_url: str,
+                 extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "DATABASE_URL": database_url,
            "TUNELOOP_ROUTER_CHAMPION_BASE_URL": backend_url,
@@ -82,7 +90,8 @@ def start_router(backend_url: str, database_url: str) -> tuple[subprocess.Popen,
            "TUNELOOP_LLM_MODEL": DEFAULT_LOCAL_MODEL}
     log_file = tempfile.NamedTemporaryFile("w+", prefix="bench-router-", suffix=".log")
     process = subprocess.Popen(
-        [sys.executable, "-m", "tasks.serving.router", "--port", str(port), "--no-registry"],
+        [sys.executable, "-m", "tasks.serving.router", "--port", str(port), "--no-registry",
+         *extra_args],
         cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     process.log_file = log_file  # type: ignore[attr-defined]  # closed (deleted) with the bench
     base = f"http://127.0.0.1:{port}"
@@ -152,6 +161,11 @@ async def load(backend_url: str, router_url: str, rate: float, seconds: float,
     errors = {"direct": 0, "router": 0}
     achieved = {"direct": [], "router": []}
     cpu = {(name, key): 0.0 for name in results for key in pids}
+    # The load generator's own pauses land on both sides' tails: a full garbage collection of
+    # this process's heap (numpy, SQLAlchemy, FastAPI imported for the log benchmark) stalled
+    # its event loop for ~100 ms mid-phase. Freeze the heap so collections stay small.
+    gc.collect()
+    gc.freeze()
     connector = aiohttp.TCPConnector(limit=1000, limit_per_host=1000)
     async with aiohttp.ClientSession(connector=connector) as session:
         # warm both paths (connection pools, the router's first-request work)
@@ -220,6 +234,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=5.0)
     parser.add_argument("--log-rows", type=int, default=20_000)
+    parser.add_argument("--router-args", default="",
+                        help="extra router flags, e.g. --router-args=--no-gc-freeze")
     args = parser.parse_args()
 
     database_url, drop = throwaway_database()
@@ -227,14 +243,18 @@ def main() -> None:
     try:
         with FakeOpenAIServer(subprocess=True, latency_s=args.latency_ms / 1000.0,
                               model_ids=(DEFAULT_LOCAL_MODEL,)) as backend:
-            router, router_url = start_router(backend.base_url, database_url)
+            router, router_url = start_router(backend.base_url, database_url,
+                                              tuple(args.router_args.split()))
             print(f"backend latency {args.latency_ms} ms, open loop {args.rate:.0f} req/s, "
                   f"{args.rounds} x {args.seconds:.0f} s per side, cpus={os.cpu_count()}, "
                   f"loadavg={os.getloadavg()[0]:.1f}")
             backend_process = getattr(backend, "_process", None)
             pids = {"router": router.pid,
                     "backend": backend_process.pid if backend_process is not None else None}
-            results = asyncio.run(load(backend.base_url, router_url, args.rate, args.seconds,
+            # uvloop in the load generator too: its own CPU per request competes with both
+            # sides for the two cores, and its tail lands in both sides' p99.
+            runner = uvloop.run if uvloop is not None else asyncio.run
+            results = runner(load(backend.base_url, router_url, args.rate, args.seconds,
                                        args.rounds, pids))
             direct, routed = np.array(results["direct"]), np.array(results["router"])
             print(f"p50_added_ms={np.percentile(routed, 50) - np.percentile(direct, 50):.3f}")

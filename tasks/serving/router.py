@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import hashlib
 import hmac
 import json
@@ -177,6 +178,7 @@ class RouterConfig(BaseModel):
     mirror_max_in_flight: int = 32
     max_connections: int = 512
     http_backend: Literal["auto", "aiohttp", "httpx"] = "auto"  # auto: aiohttp if installed
+    gc_freeze: bool = True  # freeze the start-up heap out of the garbage collector (tail latency)
 
     @field_validator("backends")
     @classmethod
@@ -1126,6 +1128,38 @@ def _http_error_response(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
+class _RouterApp(FastAPI):
+    """FastAPI with a direct lane for the proxy hot path.
+
+    `POST /v1/chat/completions` goes straight to its handler: Starlette's middleware stack,
+    route matching and request/response wrappers were about a fifth of the router's CPU per
+    request, and the handler needs none of them (it reads headers and validates the body
+    itself). Its errors are answered exactly as the full stack would: the 422 handler for
+    validation errors, a logged 500 for anything unexpected. Every other route, the lifespan
+    and the OpenAPI document go through FastAPI as usual.
+    """
+
+    fast_routes: dict[tuple[str, str], Any]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        handler = (self.fast_routes.get((scope["method"], scope["path"]))
+                   if scope["type"] == "http" and not scope.get("root_path") else None)
+        if handler is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        request = Request(scope, receive)
+        try:
+            response = await handler(request)
+        except RequestValidationError as exc:
+            response = _validation_error_response(request, exc)
+        except Exception:  # noqa: BLE001 - what ServerErrorMiddleware would do, as JSON
+            log.exception("router: unhandled error in %s %s", scope["method"], scope["path"])
+            response = error_response(500, "internal router error; see the router log",
+                                      type_="api_error", code="internal_error")
+        await response(scope, receive, send)
+
+
 def create_router_app(config: RouterConfig | None = None, *, engine: Any = None) -> FastAPI:
     """The router app. `engine`: a SQLAlchemy engine (default: from config.database_url)."""
     config = config or RouterConfig.from_settings()
@@ -1138,13 +1172,19 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await router.start()
+        if config.gc_freeze:
+            # Everything imported and built at start-up (FastAPI, pydantic, SQLAlchemy, MLflow's
+            # client) is long-lived: move it out of the collector's reach, so a full collection
+            # walks only per-request garbage instead of pausing every request for ~10 ms.
+            gc.collect()
+            gc.freeze()
         try:
             yield
         finally:
             await router.stop()
 
-    app = FastAPI(title="tuneloop router", version="1.0", lifespan=lifespan,
-                  description=__doc__.split("\n\n")[0])
+    app = _RouterApp(title="tuneloop router", version="1.0", lifespan=lifespan,
+                     description=__doc__.split("\n\n")[0])
     app.state.router = router
     app.add_exception_handler(RequestValidationError, _validation_error_response)
     app.add_exception_handler(StarletteHTTPException, _http_error_response)
@@ -1244,6 +1284,7 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
 
     api.include_router(reactions_router(router))
     app.include_router(api)
+    app.fast_routes = {("POST", "/v1/chat/completions"): chat_completions}
     _pin_public_model_in_schema(app, config.public_model)
     return app
 
@@ -1510,6 +1551,8 @@ def main(argv: list[str] | None = None) -> None:
                         "format string over {base_model}, {registered_model_name}, {version}")
     parser.add_argument("--no-registry", action="store_true",
                         help="do not read MLflow aliases (versions from deployments only)")
+    parser.add_argument("--no-gc-freeze", action="store_true",
+                        help="leave the start-up heap to the garbage collector (for comparison)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per proxied request
@@ -1524,7 +1567,8 @@ def main(argv: list[str] | None = None) -> None:
                    if args.model_template else {}),
             })
     config = base.model_copy(update={"backends": backends,
-                                     "use_registry": not args.no_registry})
+                                     "use_registry": not args.no_registry,
+                                     "gc_freeze": not args.no_gc_freeze})
     uvicorn.run(create_router_app(RouterConfig.model_validate(config.model_dump())),
                 host=args.host, port=args.port, log_level="warning", access_log=False,
                 http="httptools", loop="uvloop")

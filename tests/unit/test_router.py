@@ -548,3 +548,44 @@ def test_text_postgres_cannot_store_is_cleaned_not_lost(serve, router_engine):
     assert rows[ids[0]].request_messages[0]["content"] == "nul \ufffd inside"
     assert rows[ids[1]].request_messages[0]["content"] == "lone ? surrogate"
     assert server.app.state.router.log.stats()["failed"] == 0
+
+
+# ---- the direct lane for POST /v1/chat/completions ---------------------------------------------
+
+
+def test_chat_route_bypasses_the_middleware_stack_but_keeps_its_answers(serve, monkeypatch):
+    """The hot path skips Starlette's stack; its 422s, 401s and other routes look the same."""
+    server, client = serve()
+    stack_calls = []
+    original = type(server.app).__mro__[1].__call__  # FastAPI.__call__
+
+    async def counting(self, scope, receive, send):
+        stack_calls.append(scope["path"])
+        await original(self, scope, receive, send)
+
+    monkeypatch.setattr(type(server.app).__mro__[1], "__call__", counting)
+    assert chat(client, "hello", user="lane-user").status_code == 200
+    bad = client.post("/chat/completions", json={"model": "tuneloop", "messages": "nope"})
+    assert bad.status_code == 422
+    assert bad.json()["error"]["param"] == "messages"
+    anonymous = httpx.post(f"{server.base_url}/chat/completions", json={"model": "tuneloop"})
+    assert anonymous.status_code == 401
+    assert stack_calls == []  # none of the three went through FastAPI's stack
+    assert client.get("/models").status_code == 200
+    assert stack_calls == ["/v1/models"]
+
+
+def test_unexpected_error_on_the_chat_route_is_a_logged_json_500(serve, caplog):
+    server, client = serve()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("limiter exploded")
+
+    server.app.state.router.rate_limited = broken
+    with caplog.at_level("ERROR", logger="tasks.serving.router"):
+        response = chat(client, "hello", user="u-500")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"
+    assert "limiter exploded" in caplog.text
+    assert chat(client, "hello again", user="u-500").status_code == 500  # still serving
+    assert client.get("/models").status_code == 200
