@@ -90,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # one INFO line per HTTP request / migration step drowns the progress
+        for noisy in ("httpx", "httpx2", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     from tasks.settings import SettingsError
 
     try:

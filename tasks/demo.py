@@ -11,6 +11,7 @@ MLFLOW_TRACKING_URI). Reruns resume: ids are deterministic and finished steps ar
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import contextmanager
 from typing import Any
@@ -98,12 +99,23 @@ def _use_endpoint(base_url: str) -> None:
     get_settings.cache_clear()
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so the model server and router the demo
+    started are stopped by their context managers instead of being orphaned."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     from tasks.db.engine import get_engine, migrate
 
     cfg = cfg or DemoConfig()
+    _exit_cleanly_on_sigterm()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     timings: dict[str, float] = {}

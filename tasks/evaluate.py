@@ -588,7 +588,7 @@ def _load_model(adapter_dir: Path, base_model: str):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.models import CHATML_TEMPLATE
+    from tasks.models import CHATML_TEMPLATE, resolve_dtype
     from tasks.register import resolve_base_path
 
     base_path = resolve_base_path(base_model)
@@ -600,7 +600,8 @@ def _load_model(adapter_dir: Path, base_model: str):
                                    else CHATML_TEMPLATE)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(base_path))
+    # The serving dtype (bf16 where the CPU has it): the model card describes what is served.
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=resolve_dtype())
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     return model, tokenizer

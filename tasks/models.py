@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from tasks.settings import get_settings
 
@@ -116,3 +117,33 @@ def resolve_base_model(name_or_path: str) -> Path:
         f"base model {name_or_path!r} is neither a known name ({', '.join(BASE_MODELS)}) nor a "
         "folder with config.json; set base_model: smollm2-135m-instruct"
     )
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bfloat16 matrix products in hardware (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str | None = None) -> Any:
+    """The torch dtype for `name` (auto | float32 | bfloat16; None = TUNELOOP_MODEL_DTYPE).
+
+    `auto` picks bfloat16 on a GPU that supports it and on CPUs with native bf16 (there a
+    135M-parameter prefill runs ~12x and a decode step ~6x faster than in float32), otherwise
+    float32 (emulated bf16 would be slower than float32).
+    """
+    import torch
+
+    name = name or get_settings().model_dtype
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"unknown model dtype {name!r}; use one of auto, float32, bfloat16 "
+                         "(e.g. TUNELOOP_MODEL_DTYPE=float32)")
+    return dtypes[name]

@@ -258,8 +258,10 @@ class ChatModel:
         num_threads: int | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
+        dtype: str | None = None,
     ) -> None:
-        """Load the model. `num_threads` sets torch's (process-wide) intra-op thread count: on a
+        """Load the model. `dtype` (auto | float32 | bfloat16; None = TUNELOOP_MODEL_DTYPE) is
+        the compute dtype, see `tasks.models.resolve_dtype`. `num_threads` sets torch's (process-wide) intra-op thread count: on a
         machine whose cores are busy with other work, 1 thread is several times faster than
         spin-waiting on 2; None keeps torch's default (one per core). `max_batch_size` caps how
         many requests decode together (1 turns batching off); the scheduler waits up to
@@ -286,7 +288,10 @@ class ChatModel:
                 f"the tokenizer at {self.model_path} has no chat template; "
                 "use a chat model such as smollm2-135m-instruct", status_code=500,
             )
-        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_path), dtype=torch.float32)
+        from tasks.models import resolve_dtype
+
+        self.dtype = resolve_dtype(dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_path), dtype=self.dtype)
         self.model.eval()
         self.context_length = int(
             getattr(self.model.config, "max_position_embeddings", 0) or 2048
@@ -294,7 +299,8 @@ class ChatModel:
         self.eos_token_ids = self._eos_ids()
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad) if isinstance(pad, int) else min(self.eos_token_ids, default=0)
-        self.fingerprint = "fp_" + stable_id(self.model_name, self.model_path.resolve(), length=12)
+        self.fingerprint = "fp_" + stable_id(self.model_name, self.model_path.resolve(),
+                                             str(self.dtype), length=12)
         self._peft: Any = None  # peft.PeftModel once the first adapter is loaded
         self._loaded: dict[str, _LoadedAdapter] = {}
         self._registered: dict[str, Path] = {}
@@ -544,7 +550,7 @@ class ChatModel:
         with self._cond:
             queued = len(self._queue)
         return {"max_batch_size": self.max_batch_size, "batch_window_ms": self.batch_window_ms,
-                "queued": queued, "running": len(running.rows) if running is not None else 0}
+                "dtype": str(self.dtype).removeprefix("torch."), "queued": queued, "running": len(running.rows) if running is not None else 0}
 
     def submit(
         self,

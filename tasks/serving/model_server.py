@@ -205,12 +205,14 @@ def create_app(
     num_threads: int | None = None,
     max_batch_size: int | None = None,
     batch_window_ms: float | None = None,
+    dtype: str | None = None,
 ) -> FastAPI:
     """The FastAPI app. The model loads at startup (lifespan) unless `chat_model` is given.
 
     `model_path` defaults to the converted SmolLM2 folder (`tasks.models.smollm2_path()`);
     adapters are looked up under `<data_dir>/adapters/` and then each of `adapter_roots`.
-    `model_name` is the base model id (default `smollm2-135m-instruct`); `num_threads` sets
+    `model_name` is the base model id (default `smollm2-135m-instruct`); `dtype` is the compute
+    dtype (auto | float32 | bfloat16; None = TUNELOOP_MODEL_DTYPE); `num_threads` sets
     torch's intra-op threads (see `ChatModel`). `max_batch_size` (default 8; 1 = no batching)
     and `batch_window_ms` (default 5) tune dynamic batching. A ready `chat_model` is served as it
     is (its own adapter roots apply; model_path, adapter_roots, model_name and num_threads are not
@@ -232,6 +234,7 @@ def create_app(
                     _load_chat_model, model_path, name, roots, default_max_tokens, num_threads,
                     DEFAULT_MAX_BATCH_SIZE if max_batch_size is None else max_batch_size,
                     DEFAULT_BATCH_WINDOW_MS if batch_window_ms is None else batch_window_ms,
+                    dtype,
                 )
             except Exception as exc:
                 app.state.startup_error = exc
@@ -435,21 +438,25 @@ async def _stream_chunks(
 
 def _load_chat_model(model_path: Path | None, model_name: str, adapter_roots: list[Path],
                      default_max_tokens: int, num_threads: int | None, max_batch_size: int,
-                     batch_window_ms: float) -> ChatModel:
+                     batch_window_ms: float, dtype: str | None = None) -> ChatModel:
     if model_path is None:
         from tasks.models import smollm2_path
 
         model_path = smollm2_path()
     return ChatModel(model_path, model_name=model_name, adapter_roots=adapter_roots,
                      default_max_tokens=default_max_tokens, num_threads=num_threads,
-                     max_batch_size=max_batch_size, batch_window_ms=batch_window_ms)
+                     max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, dtype=dtype)
 
 
 # ---- running it ----------------------------------------------------------------------------------
+GRACEFUL_SHUTDOWN_S = 5.0
+
+
 def serve(host: str | None = None, port: int | None = None, *, model_path: Path | None = None,
           adapter_roots: list[Path] | None = None, num_threads: int | None = None,
           max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-          batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, log_level: str = "info") -> None:
+          batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, log_level: str = "info",
+          dtype: str | None = None) -> None:
     """Serve in the foreground (blocks); host/port default to TUNELOOP_MODEL_SERVER_HOST/_PORT."""
     import uvicorn
 
@@ -457,9 +464,12 @@ def serve(host: str | None = None, port: int | None = None, *, model_path: Path 
 
     settings = get_settings()
     app = create_app(model_path, adapter_roots=adapter_roots, num_threads=num_threads,
-                     max_batch_size=max_batch_size, batch_window_ms=batch_window_ms)
+                     max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, dtype=dtype)
+    # On SIGTERM, requests still decoding get a few seconds, then are cancelled (their rows leave
+    # the batch): a stopped server must not keep the CPU busy finishing a queue nobody reads.
     uvicorn.run(app, host=host or settings.model_server_host,
-                port=port or settings.model_server_port, log_level=log_level)
+                port=port or settings.model_server_port, log_level=log_level,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
 @contextlib.contextmanager
@@ -485,7 +495,8 @@ def running_model_server(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
 
     def run() -> None:
         # uvicorn exits with SystemExit when startup fails; the cause is in app.state.
@@ -539,6 +550,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-window-ms", type=float, default=DEFAULT_BATCH_WINDOW_MS,
                         help="how long a new batch waits for more requests (default: "
                              f"{DEFAULT_BATCH_WINDOW_MS:g} ms)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                        help="compute dtype (default: TUNELOOP_MODEL_DTYPE, auto = bfloat16 "
+                             "where the CPU has native bf16, else float32)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     try:
@@ -549,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(args.host, args.port, model_path=args.model_path, adapter_roots=args.adapter_root,
           num_threads=args.threads, max_batch_size=args.max_batch_size,
-          batch_window_ms=args.batch_window_ms, log_level=args.log_level)
+          batch_window_ms=args.batch_window_ms, log_level=args.log_level, dtype=args.dtype)
 
 
 if __name__ == "__main__":

@@ -113,12 +113,24 @@ def _seed_everything(seed: int) -> None:
 
 
 def _precision(cfg: AxolotlConfig) -> tuple[Any, Any, Any]:
-    """(device, model dtype, autocast dtype or None). CPU always trains in float32."""
+    """(device, model dtype, autocast dtype or None).
+
+    On CPU the frozen base model is held in bfloat16 when `bf16` is true, or `auto` and the CPU
+    computes bf16 natively (AVX512-BF16 / AMX: a LoRA step on SmolLM2 runs ~3x faster than in
+    float32); the LoRA weights and their optimizer state stay float32 (peft upcasts adapters) and
+    the loss is taken in float32. Otherwise, and for fp16, CPU training is float32.
+    """
     import torch
 
     if not torch.cuda.is_available():
-        if cfg.bf16 is True or cfg.fp16:
-            log.info("bf16/fp16 requested but training on CPU: using float32")
+        from tasks.models import cpu_has_native_bf16
+
+        if cfg.bf16 is True or (cfg.bf16 == "auto" and cpu_has_native_bf16()):
+            if cfg.bf16 is True and not cpu_has_native_bf16():
+                log.info("bf16 requested on a CPU without native bf16: emulated, and slow")
+            return torch.device("cpu"), torch.bfloat16, None
+        if cfg.fp16:
+            log.info("fp16 requested but training on CPU: using float32")
         return torch.device("cpu"), torch.float32, None
     device = torch.device("cuda")
     if cfg.fp16:

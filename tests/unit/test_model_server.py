@@ -45,7 +45,10 @@ def chat_model(adapter_root: Path):
     from tasks.models import smollm2_path
     from tasks.serving.generation import ChatModel
 
-    return ChatModel(smollm2_path(), model_name=BASE, adapter_roots=[adapter_root])
+    # float32: batched greedy output equals unbatched bit for bit only without bf16 rounding
+    # (tests below); the bfloat16 path has its own tests at the end of this file.
+    return ChatModel(smollm2_path(), model_name=BASE, adapter_roots=[adapter_root],
+                     dtype="float32")
 
 
 def _save_random_lora(model, folder: Path, *, r: int = 8) -> Path:
@@ -656,3 +659,90 @@ def test_out_of_range_batching_options_are_rejected_with_the_fix(chat_model):
 ])
 def test_prefill_groups_bound_padding(lengths, groups):
     assert _prefill_groups(lengths, PREFILL_PADDING_SLACK) == groups
+
+
+def test_sigterm_stops_a_busy_server_within_the_grace_period(tmp_path):
+    """A server stopped mid-generation cancels its work instead of decoding a queue no one reads."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from tasks.serving.model_server import GRACEFUL_SHUTDOWN_S
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.serving.model_server", "--host",
+                             "127.0.0.1", "--port", str(port), "--log-level", "warning"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, "the model server exited during startup"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the model server did not start"
+            time.sleep(0.3)
+
+        def long_request() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
+                    "model": BASE, "max_tokens": 4000, "temperature": 1.0, "seed": 1,
+                    "messages": [{"role": "user", "content": "Write a very long story."}]})
+
+        workers = [threading.Thread(target=long_request, daemon=True) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        while _health(url)["pending"] < 4:
+            time.sleep(0.1)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=GRACEFUL_SHUTDOWN_S + 20)
+        assert time.monotonic() - started < GRACEFUL_SHUTDOWN_S + 20
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ---- compute dtype ------------------------------------------------------------------------------
+
+
+def test_auto_dtype_follows_the_cpu_and_names_are_validated(monkeypatch):
+    import torch
+
+    from tasks import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert models.resolve_dtype("auto") is torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    assert models.resolve_dtype("auto") is torch.float32
+    assert models.resolve_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(ValueError, match="TUNELOOP_MODEL_DTYPE=float32"):
+        models.resolve_dtype("float16")
+
+
+def test_bfloat16_model_chats_and_serves_an_adapter(adapter_root, adapter_dir, chat_model):
+    """bf16 (the default where the CPU has it): coherent greedy text, a fingerprint of its own,
+    and a float32 LoRA adapter applied on the bf16 base changes the output."""
+    from tasks.models import smollm2_path
+    from tasks.serving.generation import ChatModel
+
+    bf16 = ChatModel(smollm2_path(), model_name=BASE, adapter_roots=[adapter_root],
+                     dtype="bfloat16")
+    try:
+        assert bf16.batching_info()["dtype"] == "bfloat16"
+        assert bf16.fingerprint != chat_model.fingerprint
+        paris = bf16.complete(BASE, [{"role": "user", "content": "What is the capital of France?"}],
+                              temperature=0, max_tokens=12)
+        assert "Paris" in paris.text
+        base = bf16.complete(BASE, MESSAGES, temperature=0, max_tokens=12)
+        tuned = bf16.complete(f"{BASE}:{adapter_dir.name}", MESSAGES, temperature=0,
+                              max_tokens=12)
+        assert tuned.text and tuned.text != base.text
+        assert bf16.complete(BASE, MESSAGES, temperature=0, max_tokens=12).text == base.text
+    finally:
+        bf16.close()

@@ -217,3 +217,22 @@ def test_row_longer_than_sequence_len_fails_before_training(tmp_path):
                     output_dir=tmp_path / "out")
     assert excinfo.value.details["longest_tokens"] > 32
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+@pytest.mark.parametrize(("bf16", "native", "expected"), [
+    ("auto", True, "bfloat16"), ("auto", False, "float32"), (False, True, "float32"),
+    (True, False, "bfloat16"),
+])
+def test_cpu_precision_holds_the_frozen_base_in_bf16_only_where_it_pays(
+        monkeypatch, tmp_path, bf16, native, expected):
+    import torch
+
+    from tasks import models
+    from tasks.train.local import _precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    cfg = _config(_dataset(tmp_path / "rows.jsonl"), bf16=bf16)
+    device, model_dtype, autocast_dtype = _precision(cfg)
+    assert device.type == "cpu" and autocast_dtype is None
+    assert model_dtype is getattr(torch, expected)
