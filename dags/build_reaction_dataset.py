@@ -19,13 +19,15 @@ from datetime import datetime
 
 from airflow.sdk import Param, dag, task
 
-from tuneloop_airflow.common import DATASET_ASSET, DEFAULT_ARGS, TAGS
+from tuneloop_airflow.common import DATASET_ASSET, DEFAULT_ARGS, TAGS, dag_params
+
+DAG_ID = "build_reaction_dataset"
 
 BUILT_TASK_ID = "enough_signals"
 
 
 @dag(
-    dag_id="build_reaction_dataset",
+    dag_id=DAG_ID,
     schedule=None,
     start_date=datetime(2026, 1, 1),
     catchup=False,
@@ -33,13 +35,13 @@ BUILT_TASK_ID = "enough_signals"
     default_args=DEFAULT_ARGS,
     tags=[*TAGS, "signals", "curate"],
     doc_md=__doc__,
-    params={
+    params=dag_params(DAG_ID, {
         "min_positive": Param(500, type="integer", minimum=1),
         "min_negative": Param(500, type="integer", minimum=0),
         "done_min_ms": Param(15000, type="integer", minimum=0),
         "done_max_ms": Param(120000, type="integer", minimum=0),
         "dismiss_max_ms": Param(5000, type="integer", minimum=0),
-    },
+    }),
 )
 def build_reaction_dataset():
     @task

@@ -20,13 +20,15 @@ from datetime import datetime
 
 from airflow.sdk import Param, dag, task
 
-from tuneloop_airflow.common import DATASET_ASSET, DEFAULT_ARGS, TAGS, TAGS_ASSET
+from tuneloop_airflow.common import DATASET_ASSET, DEFAULT_ARGS, TAGS, TAGS_ASSET, dag_params
+
+DAG_ID = "curate_dataset"
 
 GATE_TASK_ID = "gate_passed"
 
 
 @dag(
-    dag_id="curate_dataset",
+    dag_id=DAG_ID,
     schedule=[TAGS_ASSET],
     start_date=datetime(2026, 1, 1),
     catchup=False,
@@ -34,7 +36,7 @@ GATE_TASK_ID = "gate_passed"
     default_args=DEFAULT_ARGS,
     tags=[*TAGS, "curate", "gate"],
     doc_md=__doc__,
-    params={
+    params=dag_params(DAG_ID, {
         "max_hallucination": Param(0.1, type="number", minimum=0, maximum=1),
         "min_emotion_confidence": Param(0.0, type="number", minimum=0, maximum=1),
         "require_rubric_pass": Param(False, type="boolean",
@@ -43,7 +45,7 @@ GATE_TASK_ID = "gate_passed"
         "min_rows": Param(10, type="integer", minimum=1),
         "batch_id": Param("", type="string", description="limit to one generation batch"),
         "seed": Param(13, type="integer"),
-    },
+    }),
 )
 def curate_dataset():
     @task

@@ -19,14 +19,16 @@ from datetime import datetime
 
 from airflow.sdk import Param, dag, task
 
-from tuneloop_airflow.common import CONVERSATIONS_ASSET, DEFAULT_ARGS, LLM_POOL, TAGS
+from tuneloop_airflow.common import CONVERSATIONS_ASSET, DEFAULT_ARGS, LLM_POOL, TAGS, dag_params
+
+DAG_ID = "generate_conversations"
 
 PREVIEW_TASK_ID = "preview"
 PLAN_TASK_ID = "plan_batch"
 
 
 @dag(
-    dag_id="generate_conversations",
+    dag_id=DAG_ID,
     schedule=None,
     start_date=datetime(2026, 1, 1),
     catchup=False,
@@ -34,7 +36,7 @@ PLAN_TASK_ID = "plan_batch"
     default_args=DEFAULT_ARGS,
     tags=[*TAGS, "generate"],
     doc_md=__doc__,
-    params={
+    params=dag_params(DAG_ID, {
         "count": Param(20, type="integer", minimum=1, description="conversations to generate"),
         "turns": Param(2, type="integer", minimum=1, maximum=20,
                        description="user+assistant exchanges; 1 = a single QA pair"),
@@ -46,7 +48,7 @@ PLAN_TASK_ID = "plan_batch"
                           description="OpenAI-compatible endpoint; empty = settings/connection"),
         "model": Param("", type="string", description="model name; empty = settings default"),
         "shard_size": Param(25, type="integer", minimum=1),
-    },
+    }),
 )
 def generate_conversations():
     @task

@@ -16,13 +16,15 @@ from datetime import datetime
 
 from airflow.sdk import CronTriggerTimetable, Param, dag, task
 
-from tuneloop_airflow.common import DATASET_ASSET, DEFAULT_ARGS, NIGHTLY_CRON, TAGS
+from tuneloop_airflow.common import DATASET_ASSET, DEFAULT_ARGS, NIGHTLY_CRON, TAGS, dag_params
+
+DAG_ID = "nightly_refresh"
 
 DECIDE_TASK_ID = "enough_new_signals"
 
 
 @dag(
-    dag_id="nightly_refresh",
+    dag_id=DAG_ID,
     schedule=CronTriggerTimetable(NIGHTLY_CRON, timezone="UTC"),
     start_date=datetime(2026, 1, 1),
     catchup=False,
@@ -30,10 +32,10 @@ DECIDE_TASK_ID = "enough_new_signals"
     default_args=DEFAULT_ARGS,
     tags=[*TAGS, "nightly", "signals"],
     doc_md=__doc__,
-    params={
+    params=dag_params(DAG_ID, {
         "min_new_positive": Param(500, type="integer", minimum=0),
         "min_new_negative": Param(500, type="integer", minimum=0),
-    },
+    }),
 )
 def nightly_refresh():
     @task

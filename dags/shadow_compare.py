@@ -18,11 +18,13 @@ from datetime import datetime
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
-from tuneloop_airflow.common import DEFAULT_ARGS, MODEL_ASSET, SHADOW_COMPARE_CRON, TAGS
+from tuneloop_airflow.common import DEFAULT_ARGS, MODEL_ASSET, SHADOW_COMPARE_CRON, TAGS, dag_params
+
+DAG_ID = "shadow_compare"
 
 
 @dag(
-    dag_id="shadow_compare",
+    dag_id=DAG_ID,
     schedule=AssetOrTimeSchedule(
         timetable=CronTriggerTimetable(SHADOW_COMPARE_CRON, timezone="UTC"), assets=[MODEL_ASSET]
     ),
@@ -32,14 +34,14 @@ from tuneloop_airflow.common import DEFAULT_ARGS, MODEL_ASSET, SHADOW_COMPARE_CR
     default_args=DEFAULT_ARGS,
     tags=[*TAGS, "shadow", "mlflow"],
     doc_md=__doc__,
-    params={
+    params=dag_params(DAG_ID, {
         "deployment_id": Param("", type="string", description="empty = the active deployment"),
         "min_samples": Param(100, type="integer", minimum=1,
                              description="per-variant minimum before any decision"),
         "alpha": Param(0.05, type="number", exclusiveMinimum=0, maximum=0.5),
         "apply_decision": Param(False, type="boolean",
                                 description="move the champion alias when the rule says so"),
-    },
+    }),
 )
 def shadow_compare():
     @task

@@ -20,11 +20,20 @@ from datetime import datetime
 
 from airflow.sdk import Param, dag, task
 
-from tuneloop_airflow.common import CONVERSATIONS_ASSET, DEFAULT_ARGS, LLM_POOL, TAGS, TAGS_ASSET
+from tuneloop_airflow.common import (
+    CONVERSATIONS_ASSET,
+    DEFAULT_ARGS,
+    LLM_POOL,
+    TAGS,
+    TAGS_ASSET,
+    dag_params,
+)
+
+DAG_ID = "tag_conversations"
 
 
 @dag(
-    dag_id="tag_conversations",
+    dag_id=DAG_ID,
     schedule=[CONVERSATIONS_ASSET],
     start_date=datetime(2026, 1, 1),
     catchup=False,
@@ -32,7 +41,7 @@ from tuneloop_airflow.common import CONVERSATIONS_ASSET, DEFAULT_ARGS, LLM_POOL,
     default_args=DEFAULT_ARGS,
     tags=[*TAGS, "tag"],
     doc_md=__doc__,
-    params={
+    params=dag_params(DAG_ID, {
         "taggers": Param(["emotion", "topic", "temporal", "belief", "hallucination"],
                          type="array", description="taggers to run"),
         "classifier_backend": Param("embedding", enum=["embedding", "llm"],
@@ -44,7 +53,7 @@ from tuneloop_airflow.common import CONVERSATIONS_ASSET, DEFAULT_ARGS, LLM_POOL,
         "judge_policy": Param("both", enum=["both", "either"]),
         "batch_id": Param("", type="string", description="limit to one generation batch"),
         "shard_size": Param(50, type="integer", minimum=1),
-    },
+    }),
 )
 def tag_conversations():
     @task(multiple_outputs=False)

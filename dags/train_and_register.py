@@ -22,8 +22,17 @@ from datetime import datetime
 
 from airflow.sdk import Param, dag, task
 
-from tuneloop_airflow.common import DATASET_ASSET, DEFAULT_ARGS, GPU_POOL, MODEL_ASSET, TAGS
+from tuneloop_airflow.common import (
+    DATASET_ASSET,
+    DEFAULT_ARGS,
+    GPU_POOL,
+    MODEL_ASSET,
+    TAGS,
+    dag_params,
+)
 from tuneloop_airflow.operators import ContainerTrainerOperator
+
+DAG_ID = "train_and_register"
 
 LOCAL_TASK_ID = "train_local"
 DOCKER_TASK_ID = "train_docker"
@@ -33,7 +42,7 @@ BACKEND_TASK_IDS = {"local": LOCAL_TASK_ID, "docker": DOCKER_TASK_ID,
 
 
 @dag(
-    dag_id="train_and_register",
+    dag_id=DAG_ID,
     schedule=[DATASET_ASSET],
     start_date=datetime(2026, 1, 1),
     catchup=False,
@@ -41,7 +50,7 @@ BACKEND_TASK_IDS = {"local": LOCAL_TASK_ID, "docker": DOCKER_TASK_ID,
     default_args=DEFAULT_ARGS,
     tags=[*TAGS, "train", "mlflow"],
     doc_md=__doc__,
-    params={
+    params=dag_params(DAG_ID, {
         "dataset_id": Param("", type="string",
                             description="empty = triggering asset event, else latest gated"),
         "base_model": Param("smollm2-135m-instruct", type="string"),
@@ -53,7 +62,7 @@ BACKEND_TASK_IDS = {"local": LOCAL_TASK_ID, "docker": DOCKER_TASK_ID,
         "evaluate": Param(True, type="boolean"),
         "shadow_mode": Param("canary", enum=["canary", "mirror", "off"]),
         "shadow_share": Param(0.05, type="number", minimum=0, maximum=1),
-    },
+    }),
 )
 def train_and_register():
     @task

