@@ -42,7 +42,7 @@ class DemoConfig(BaseModel):
     evaluate: bool = True
     judge_sample_rate: float = Field(0.1, gt=0, le=1, description="share of conversations the "
                                      "rubric judge grades (every tagger sees all of them)")
-    eval_scenarios: int = Field(6, ge=1, description="evaluation scenarios (of the fixed set)")
+    eval_scenarios: int = Field(4, ge=1, description="evaluation scenarios (of the fixed set)")
 
 
 def _say(message: str) -> None:
@@ -147,11 +147,40 @@ def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     return summary
 
 
+def demo_generation_config(cfg: DemoConfig) -> Any:
+    """Generation for the demo: one paragraph per turn (stop at a blank line), since SmolLM2
+    otherwise rambles until max_tokens and the turn is recorded as truncated; one shard with 16
+    in flight, which the model server decodes as one batch."""
+    from tasks.generate import GenerationConfig
+
+    return GenerationConfig(count=cfg.conversations, turns=cfg.turns, seed=cfg.seed,
+                            max_tokens=cfg.generation_max_tokens,
+                            assistant_max_tokens=cfg.assistant_max_tokens,
+                            shard_size=cfg.conversations, user_stop=["\n\n"],
+                            assistant_stop=["\n\n"], concurrency=16)
+
+
+def demo_tagging_config(cfg: DemoConfig, batch_id: str) -> Any:
+    """Tagging for the demo: emotion/topic/temporal on MiniLM, belief/hallucination heuristic,
+    every tagger on every conversation; the rubric judge (a ~2.7k-token prompt each, combined
+    mode, one attempt) grades a stable audit sample, which is what 2 CPU cores allow."""
+    from tasks.tag import TaggingConfig
+
+    base = TaggingConfig.from_params({"classifier_backend": "embedding", "retries": 2,
+                                      "judges": ["judge"], "batch_id": batch_id})
+    return TaggingConfig.model_validate({
+        **base.model_dump(),
+        "backends": {**base.backends, "belief": "heuristic", "hallucination": "heuristic"},
+        "judge_mode": "combined", "max_in_flight": 16, "max_tokens": 256, "judge_retries": 1,
+        "judge_sample_rate": cfg.judge_sample_rate,
+    })
+
+
 def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
     from tasks.curate import CurationConfig, curate
-    from tasks.generate import GenerationConfig, run_generation
+    from tasks.generate import run_generation
     from tasks.shadow import compare_and_report
-    from tasks.tag import TaggingConfig, run_tagging
+    from tasks.tag import run_tagging
     from tasks.training_flow import (
         deploy_shadow,
         evaluate_registered,
@@ -163,14 +192,7 @@ def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     with _step(f"generate {cfg.conversations} conversations", timings):
-        # One paragraph per turn (stop at a blank line): SmolLM2 otherwise rambles until
-        # max_tokens and the turn is recorded as truncated. One shard, 16 in flight: the model
-        # server decodes them in one batch.
-        gen_cfg = GenerationConfig(count=cfg.conversations, turns=cfg.turns, seed=cfg.seed,
-                                   max_tokens=cfg.generation_max_tokens,
-                                   assistant_max_tokens=cfg.assistant_max_tokens,
-                                   shard_size=cfg.conversations, user_stop=["\n\n"],
-                                   assistant_stop=["\n\n"], concurrency=16)
+        gen_cfg = demo_generation_config(cfg)
         with tqdm(total=cfg.conversations, desc="generate", unit="conv") as bar:
             def progress(event: dict[str, Any]) -> None:
                 bar.update(event.get("count", 1) if event.get("event") == "skipped" else 1)
@@ -183,19 +205,7 @@ def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
             raise DemoFailed("no conversation was generated; check the model server log")
 
     with _step("tag + judge", timings):
-        tag_cfg = TaggingConfig.from_params({
-            "classifier_backend": "embedding", "retries": 2, "judges": ["judge"],
-            "batch_id": generated["batch_id"],
-        })
-        tag_cfg = tag_cfg.model_copy(update={
-            "backends": {**tag_cfg.backends, "belief": "heuristic",
-                         "hallucination": "heuristic"},
-            "judge_mode": "combined", "max_in_flight": 16, "max_tokens": 256,
-            "judge_retries": 1,
-            # Every tagger runs on every conversation; the rubric judge (a ~2.7k-token prompt
-            # each) grades an audit sample, which is what the CPU budget of the demo allows.
-            "judge_sample_rate": cfg.judge_sample_rate,
-        })
+        tag_cfg = demo_tagging_config(cfg, generated["batch_id"])
         with tqdm(desc="tag", unit="task") as bar:
             def tag_progress(done: int, total: int) -> None:
                 bar.total = total
@@ -229,8 +239,11 @@ def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
 
     if cfg.evaluate:
         with _step("evaluate base vs tuned (model card)", timings):
+            from tasks.evaluate import LlmEvalJudge
+
+            judge = LlmEvalJudge.for_role("judge", retries=1, max_tokens=256)
             out["evaluation"] = evaluate_registered(registered, max_new_tokens=48,
-                                                    max_val_rows=20,
+                                                    max_val_rows=20, judge=judge,
                                                     max_scenarios=cfg.eval_scenarios)
 
     with _step("shadow deploy + simulated traffic", timings):

@@ -407,13 +407,13 @@ class LlmEvalJudge:
 
     @classmethod
     def for_role(cls, role: str = "judge", *, use_cache: bool = True,
-                 retries: int = 2) -> LlmEvalJudge:
+                 retries: int = 2, max_tokens: int = 1024) -> LlmEvalJudge:
         from tasks.llm.client import client_for_role
         from tasks.settings import get_settings
 
         client = client_for_role(role, use_cache=use_cache)  # type: ignore[arg-type]
         return cls(client, get_settings().endpoint(role).label(),  # type: ignore[arg-type]
-                   retries=retries)
+                   retries=retries, max_tokens=max_tokens)
 
     async def grade(self, rubric, messages: list[dict[str, str]],
                     system_prompt: str) -> dict[str, str]:

@@ -19,6 +19,7 @@ Data Docs cannot leak the PII the gate just caught.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -98,9 +99,23 @@ class GateSpec(BaseModel):
     sequence_len: int | None = 2048
     edge_case_target: float | None = 0.15
     edge_case_tolerance: float = 0.05
+    # A dataset of n rows drawn at a 15% edge-case rate has a binomial sampling error of
+    # sqrt(p(1-p)/n): ±0.069 at n=27. The check allows max(tolerance, z * that error), so a
+    # small dataset is not blocked by chance; z=2.576 is a 99% interval. None: tolerance only.
+    edge_case_sampling_z: float | None = Field(2.576, gt=0)
     min_rows: int = 1
     min_topic_diversity: int = 1
     min_persona_diversity: int = 1
+
+    def edge_case_bounds(self, rows: int) -> tuple[float, float, float]:
+        """(low, high, allowed deviation) for the edge-case share of a dataset of `rows`."""
+        assert self.edge_case_target is not None
+        target = self.edge_case_target
+        allowed = self.edge_case_tolerance
+        if self.edge_case_sampling_z is not None and rows > 0:
+            allowed = max(allowed,
+                          self.edge_case_sampling_z * math.sqrt(target * (1 - target) / rows))
+        return max(0.0, target - allowed), min(1.0, target + allowed), allowed
 
     @model_validator(mode="after")
     def _consistent(self) -> GateSpec:
@@ -144,7 +159,8 @@ def _named(expectation: Any, name: str, description: str) -> Any:
     return expectation
 
 
-def build_curated_suite(spec: GateSpec, name: str = "curated_dataset"):  # -> ExpectationSuite
+def build_curated_suite(spec: GateSpec, name: str = "curated_dataset",
+                        rows: int = 0):  # -> ExpectationSuite
     """The curated-dataset expectation suite, built in Python from the thresholds."""
     import great_expectations as gx
 
@@ -201,12 +217,13 @@ def build_curated_suite(spec: GateSpec, name: str = "curated_dataset"):  # -> Ex
                                             max_value=spec.sequence_len),
             TOKENS_WITHIN_SEQUENCE_LEN, f"tokens <= sequence_len ({spec.sequence_len})"))
     if spec.edge_case_target is not None:
-        low = max(0.0, spec.edge_case_target - spec.edge_case_tolerance)
-        high = min(1.0, spec.edge_case_target + spec.edge_case_tolerance)
+        low, high, allowed = spec.edge_case_bounds(rows)
+        widened = (f" (tolerance {spec.edge_case_tolerance} widened to the 99% sampling "
+                   f"interval of {rows} rows)" if allowed > spec.edge_case_tolerance else "")
         suite.add_expectation(_named(
             E.ExpectColumnMeanToBeBetween(column="is_edge_case", min_value=low, max_value=high),
             EDGE_CASE_SHARE,
-            f"edge-case share within {spec.edge_case_target} ± {spec.edge_case_tolerance}"))
+            f"edge-case share within {spec.edge_case_target} ± {allowed:.3f}{widened}"))
     suite.add_expectation(_named(
         E.ExpectColumnUniqueValueCountToBeBetween(column="topic",
                                                   min_value=spec.min_topic_diversity),
@@ -349,7 +366,8 @@ def run_curated_gate(frame: Any, spec: GateSpec, *, docs_dir: Path | None = None
     if missing:
         raise ValueError(f"gate frame lacks columns {missing}; build it with "
                          "tasks.curate.gate_frame(rows)")
-    return run_suite(frame, lambda: build_curated_suite(spec), docs_dir=docs_dir)
+    return run_suite(frame, lambda: build_curated_suite(spec, rows=len(frame)),
+                     docs_dir=docs_dir)
 
 
 def run_signal_gate(frame: Any, spec: SignalGateSpec, *, docs_dir: Path | None = None

@@ -165,3 +165,30 @@ def test_an_empty_batch_fails_the_size_and_diversity_checks_without_crashing():
     assert result["success"] is False
     assert set(result["failed_expectations"]) == {
         "min_dataset_size", "min_topic_diversity", "min_persona_diversity", EDGE_CASE_SHARE}
+
+
+def test_edge_case_tolerance_widens_to_the_sampling_error_of_a_small_dataset():
+    """27 rows with 2 edge cases (7.4%) is within chance of a 15% rate; 200 rows at 7.5% is not."""
+    spec = GateSpec(edge_case_target=0.15, edge_case_tolerance=0.05)
+    low, high, allowed = spec.edge_case_bounds(27)
+    assert allowed == pytest.approx(2.576 * (0.15 * 0.85 / 27) ** 0.5)
+    assert low < 2 / 27 < high
+    assert spec.edge_case_bounds(10_000)[2] == 0.05  # large datasets: the fixed tolerance
+    strict = GateSpec(edge_case_target=0.15, edge_case_tolerance=0.05, edge_case_sampling_z=None)
+    assert strict.edge_case_bounds(27)[2] == 0.05
+
+    rows = clean_rows()
+    for row in rows:
+        row.is_edge_case = False
+    for row in rows[:15]:  # 7.5% of 200: outside 0.15 ± 0.065
+        row.is_edge_case = True
+    result = gate(rows)
+    assert result["failed_expectations"] == [EDGE_CASE_SHARE]
+    small = rows[:27]
+    for row in small:
+        row.is_edge_case = False
+    small[0].is_edge_case = small[1].is_edge_case = True
+    texts = ["\n".join(m["content"] for m in r.messages) for r in small]
+    small_spec = SPEC.model_copy(update={"min_rows": 1})
+    result = run_curated_gate(gate_frame(small, texts, CFG), small_spec)
+    assert result["success"] is True, result["failed_expectations"]
