@@ -47,9 +47,7 @@ def build_reaction_dataset():
     @task
     def build(params: dict | None = None) -> dict:
         from tasks.signals import SignalConfig, build_reaction_dataset_or_skip
-        from tuneloop_airflow.connections import apply_connections
 
-        apply_connections()
         return build_reaction_dataset_or_skip(SignalConfig.from_params(params))
 
     @task.short_circuit(task_id=BUILT_TASK_ID)

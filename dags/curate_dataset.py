@@ -52,9 +52,7 @@ def curate_dataset():
     def curate(params: dict | None = None) -> dict:
         from tasks.curate import CurationConfig
         from tasks.curate import curate as run
-        from tuneloop_airflow.connections import apply_connections
 
-        apply_connections()
         return run(CurationConfig.from_params(params))
 
     @task.short_circuit(task_id=GATE_TASK_ID)

@@ -54,17 +54,13 @@ def generate_conversations():
     @task
     def migrate_schema() -> None:
         from tasks.db import migrate
-        from tuneloop_airflow.connections import apply_connections
 
-        apply_connections()
         migrate()
 
     @task.short_circuit(task_id=PREVIEW_TASK_ID)
     def preview_or_continue(params: dict | None = None) -> bool:
         from tasks.generate import format_preview, preview
-        from tuneloop_airflow.connections import apply_connections
 
-        apply_connections()
         if params["preview"] > 0:
             cfg = _config(params)
             print(format_preview(preview(cfg, params["preview"])))
@@ -74,25 +70,19 @@ def generate_conversations():
     @task(task_id=PLAN_TASK_ID)
     def plan(params: dict | None = None) -> list[dict]:
         from tasks.generate import plan_batch
-        from tuneloop_airflow.connections import apply_connections
 
-        apply_connections()  # the batch id depends on the resolved model and database
         return plan_batch(_config(params))["shards"]  # each shard carries its batch_id
 
     @task(pool=LLM_POOL, max_active_tis_per_dagrun=4)
     def generate_shard(shard: dict, params: dict | None = None) -> dict:
         from tasks.generate import generate_shard as run_shard
-        from tuneloop_airflow.connections import apply_connections
 
-        apply_connections()
         return run_shard(shard, _config(params))
 
     @task(outlets=[CONVERSATIONS_ASSET])
     def finalize(shards: list[dict], shard_results: list[dict], outlet_events=None) -> dict:
         from tasks.generate import finalize_batch
-        from tuneloop_airflow.connections import apply_connections
 
-        apply_connections()
         batch_id = shards[0]["batch_id"]
         summary = finalize_batch(batch_id)
         outlet_events[CONVERSATIONS_ASSET].extra = {"batch_id": batch_id}

@@ -41,17 +41,13 @@ def nightly_refresh():
     @task
     def refresh_comparison() -> dict:
         from tasks.shadow import compare_and_report
-        from tuneloop_airflow.connections import apply_connections
 
-        apply_connections()
         return compare_and_report(deployment_id=None)
 
     @task
     def count_signals(params: dict | None = None) -> dict:
         from tasks.signals import nightly_decision
-        from tuneloop_airflow.connections import apply_connections
 
-        apply_connections()
         return nightly_decision(min_new_positive=params["min_new_positive"],
                                 min_new_negative=params["min_new_negative"])
 

@@ -47,9 +47,7 @@ def shadow_compare():
     @task
     def compare(params: dict | None = None) -> dict:
         from tasks.shadow import compare_and_report
-        from tuneloop_airflow.connections import apply_connections
 
-        apply_connections()
         report = compare_and_report(
             deployment_id=params["deployment_id"] or None, min_samples=params["min_samples"],
             alpha=params["alpha"],

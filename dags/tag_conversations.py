@@ -59,25 +59,19 @@ def tag_conversations():
     @task(multiple_outputs=False)
     def plan(params: dict | None = None) -> list[dict]:
         from tasks.tag import plan_tagging
-        from tuneloop_airflow.connections import apply_connections
 
-        apply_connections()
         return plan_tagging(_config(params))
 
     @task(pool=LLM_POOL)
     def tag_shard(shard: dict, params: dict | None = None) -> dict:
         from tasks.tag import tag_shard as run
-        from tuneloop_airflow.connections import apply_connections
 
-        apply_connections()
         return run(shard, _config(params))
 
     @task(pool=LLM_POOL)
     def judge_shard(shard: dict, params: dict | None = None) -> dict:
         from tasks.judge import judge_shard as run
-        from tuneloop_airflow.connections import apply_connections
 
-        apply_connections()
         return run(shard, _config(params))
 
     @task(outlets=[TAGS_ASSET])

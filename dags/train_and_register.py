@@ -68,9 +68,7 @@ def train_and_register():
     @task
     def prepare(params: dict | None = None, triggering_asset_events=None) -> dict:
         from tasks.training_flow import prepare_training, resolve_dataset
-        from tuneloop_airflow.connections import apply_connections
 
-        apply_connections()
         dataset_id = params["dataset_id"] or _asset_dataset_id(triggering_asset_events)
         return prepare_training(resolve_dataset(dataset_id or None), params)
 
@@ -87,9 +85,7 @@ def train_and_register():
     @task(trigger_rule="none_failed_min_one_success")
     def register(prepared: dict) -> dict:
         from tasks.training_flow import register_training
-        from tuneloop_airflow.connections import apply_connections
 
-        apply_connections()
         return register_training(prepared)
 
     @task

@@ -21,6 +21,7 @@ from datetime import timedelta
 from airflow.sdk import Asset, Param
 
 from tuneloop_airflow.callbacks import on_task_failure
+from tuneloop_airflow.connections import apply_connections_hook
 
 # Data-aware scheduling: each stage emits the asset the next stage is scheduled on.
 CONVERSATIONS_ASSET = Asset("tuneloop://postgres/conversations", group="tuneloop")
@@ -99,6 +100,10 @@ DEFAULT_ARGS = {
     "retry_delay": retry_delay(),
     "retry_exponential_backoff": True,
     "on_failure_callback": on_task_failure,
+    # Every task maps the tuneloop Airflow Connections onto settings before it executes; a task
+    # that passes its own `pre_execute` (or uses @task.run_if / skip_if, which do) replaces this
+    # one, and tests/dags/test_dag_connections.py fails it.
+    "pre_execute": apply_connections_hook,
 }
 
 TAGS = ["tuneloop"]

@@ -7,14 +7,22 @@ Connections (all optional; env defaults apply when absent):
 - `tuneloop_db`: type postgres → DATABASE_URL.
 - `tuneloop_mlflow`: type http → MLFLOW_TRACKING_URI.
 
-Tasks call `apply_connections()` first; it exports what the connections say as the environment
-variables tuneloop's settings read, so `tasks/` stays free of Airflow.
+Every task of every tuneloop DAG runs `apply_connections()` before its `execute()`: it is the
+`pre_execute` hook in `DEFAULT_ARGS` (tuneloop_airflow.common), so a new task cannot forget it and
+DAG files do not call it. It exports what the connections say as the environment variables
+tuneloop's settings read, so `tasks/` stays free of Airflow. Precedence (README, "A real
+OpenAI-compatible endpoint"): a defined connection overrides the environment variable it maps to;
+without the connection the environment stands. A role connection (`tuneloop_llm_judge`) sets the
+role's variables (`TUNELOOP_JUDGE_*`), `tuneloop_llm` the default ones (`TUNELOOP_LLM_*`), so an
+explicit `TUNELOOP_JUDGE_BASE_URL` still beats `tuneloop_llm`, as it does in settings.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, MutableMapping
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +30,17 @@ ROLES = ("generator", "user_sim", "tagger", "judge", "judge2")
 
 
 def _get_connection(conn_id: str):
+    """The connection, or None when it is not defined (then the environment applies).
+
+    Any other error (a denied secrets backend, a malformed connection) fails the task: falling
+    back to the environment would silently write to the wrong database or MLflow.
+    """
     from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
 
     try:
         return BaseHook.get_connection(conn_id)
-    except Exception:  # not defined: env defaults apply
+    except AirflowNotFoundException:
         return None
 
 
@@ -74,13 +88,24 @@ def connection_env() -> dict[str, str]:
     return env
 
 
-def apply_connections() -> dict[str, str]:
-    """Export connection-derived settings for this task process; returns the names (not values)."""
+def apply_connections(environ: MutableMapping[str, str] = os.environ) -> list[str]:
+    """Export connection-derived settings into `environ` (this task process's environment).
+
+    Idempotent and cheap when nothing changed: only variables whose value differs are written,
+    and only then is the cached `get_settings()` cleared. Returns the names (never the values,
+    which hold API keys and passwords) of the variables the connections define.
+    """
     env = connection_env()
-    os.environ.update(env)
-    if env:
+    changed = sorted(name for name, value in env.items() if environ.get(name) != value)
+    if changed:
+        environ.update({name: env[name] for name in changed})
         from tasks.settings import get_settings
 
         get_settings.cache_clear()
-        log.info("settings from Airflow connections: %s", sorted(env))
-    return env
+        log.info("settings from Airflow connections: %s", ", ".join(changed))
+    return sorted(env)
+
+
+def apply_connections_hook(context: Mapping[str, Any]) -> None:
+    """`pre_execute` hook (DEFAULT_ARGS) so every task runs with the connections' settings."""
+    apply_connections()
