@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole loop offline on embedded defaults")
     demo.add_argument("--conversations", type=int, default=50)
     demo.add_argument("--turns", type=int, default=1)
-    demo.add_argument("--train-steps", type=int, default=30)
-    demo.add_argument("--requests", type=int, default=400)
+    demo.add_argument("--train-steps", type=int, default=10)
+    demo.add_argument("--requests", type=int, default=240)
     demo.set_defaults(fn=_demo)
 
     model = sub.add_parser("serve-model", help="local OpenAI-compatible SmolLM2 server")

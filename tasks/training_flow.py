@@ -19,7 +19,8 @@ from tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-TRAINING_PARAM_KEYS = ("base_model", "num_epochs", "max_steps", "learning_rate", "lora_r")
+TRAINING_PARAM_KEYS = ("base_model", "num_epochs", "max_steps", "learning_rate", "lora_r",
+                       "micro_batch_size", "gradient_accumulation_steps")
 BACKENDS = ("local", "docker", "kubernetes")
 RUN_RECORD = "mlflow_run.json"
 
