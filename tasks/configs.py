@@ -47,3 +47,23 @@ def load_yaml_model(path: str, model: type[ConfigT], error: Callable[[str, str],
     except ValidationError as exc:
         raise error(path, "; ".join(validation_lines(exc))) from None
     return parsed.model_copy(update={"content_hash": content_hash(raw), "path": path})
+
+
+def at_least(value: Any, minimum: int, field: str, example: Any) -> Any:
+    """A validator body for numeric floors: None passes (optional fields); a value below
+    `minimum` raises a message naming the field, what it got and a setting that works."""
+    if value is not None and value < minimum:
+        raise ValueError(f"{field} must be >= {minimum} (got {value}); set {field}: {example}")
+    return value
+
+
+def split_fraction(value: float) -> float:
+    """The validation share of a seeded train/validation split: [0, 0.5)."""
+    if not 0.0 <= value < 0.5:
+        raise ValueError(f"val_fraction must be within [0, 0.5) (got {value}); "
+                         "set val_fraction: 0.1")
+    return value
+
+
+def field_default(model: type[BaseModel], field: str) -> Any:
+    return model.model_fields[field].default

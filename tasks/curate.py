@@ -38,6 +38,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from tasks import deid
+from tasks.configs import at_least, field_default, split_fraction
 from tasks.db.engine import session_scope
 from tasks.db.models import Conversation, Dataset, DatasetExclusion, GenerationBatch, Persona
 from tasks.export import (
@@ -190,26 +191,18 @@ class CurationConfig(BaseModel):
     @field_validator("val_fraction")
     @classmethod
     def _val_fraction(cls, value: float) -> float:
-        if not 0.0 <= value < 0.5:
-            raise ValueError(f"val_fraction must be within [0, 0.5) (got {value}); "
-                             "set val_fraction: 0.1")
-        return value
+        return split_fraction(value)
 
     @field_validator("min_rows", "min_topic_diversity", "min_persona_diversity", "max_turns",
                      "exact_limit")
     @classmethod
     def _at_least_one(cls, value: int, info: Any) -> int:
-        if value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1 (got {value}); "
-                             f"e.g. {info.field_name}: {cls.model_fields[info.field_name].default}")
-        return value
+        return at_least(value, 1, info.field_name, field_default(cls, info.field_name))
 
     @field_validator("min_words")
     @classmethod
     def _min_words(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"min_words must be >= 0 (got {value}); set min_words: 5")
-        return value
+        return at_least(value, 0, "min_words", 5)
 
     @field_validator("sequence_len")
     @classmethod

@@ -33,6 +33,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from tasks import deid
+from tasks.configs import at_least, field_default, split_fraction
 from tasks.db.engine import session_scope
 from tasks.db.models import Dataset, DatasetItem, Interaction, Reaction
 from tasks.export import (
@@ -123,10 +124,7 @@ class SignalConfig(BaseModel):
                      "min_negative")
     @classmethod
     def _non_negative(cls, value: int, info: Any) -> int:
-        if value < 0:
-            raise ValueError(f"{info.field_name} must be >= 0 (got {value}); e.g. "
-                             f"{info.field_name}: {cls.model_fields[info.field_name].default}")
-        return value
+        return at_least(value, 0, info.field_name, field_default(cls, info.field_name))
 
     @field_validator("pair_similarity")
     @classmethod
@@ -139,10 +137,7 @@ class SignalConfig(BaseModel):
     @field_validator("val_fraction")
     @classmethod
     def _val_fraction(cls, value: float) -> float:
-        if not 0.0 <= value < 0.5:
-            raise ValueError(f"val_fraction must be within [0, 0.5) (got {value}); "
-                             "set val_fraction: 0.1")
-        return value
+        return split_fraction(value)
 
     @model_validator(mode="after")
     def _windows(self) -> SignalConfig:

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks.configs import at_least
 from tasks.generate.dedup import DEFAULT_CONVERSATION_THRESHOLD, DEFAULT_OPENING_THRESHOLD
 from tasks.ids import canonical_json, stable_id
 from tasks.settings import Endpoint, Settings, get_settings
@@ -107,21 +108,13 @@ class GenerationConfig(BaseModel):
     @field_validator("persona_pool_size", "shard_size", "concurrency")
     @classmethod
     def _positive(cls, value: int, info: Any) -> int:
-        if value < 1:
-            examples = {"persona_pool_size": 50, "shard_size": 100, "concurrency": 16}
-            raise ValueError(
-                f"{info.field_name} must be >= 1, got {value}; "
-                f"e.g. {info.field_name}: {examples[info.field_name]}"
-            )
-        return value
+        examples = {"persona_pool_size": 50, "shard_size": 100, "concurrency": 16}
+        return at_least(value, 1, info.field_name, examples[info.field_name])
 
     @field_validator("preview", "max_retries")
     @classmethod
     def _non_negative(cls, value: int, info: Any) -> int:
-        if value < 0:
-            raise ValueError(f"{info.field_name} must be >= 0, got {value}; e.g. "
-                             f"{info.field_name}: {3 if info.field_name == 'preview' else 5}")
-        return value
+        return at_least(value, 0, info.field_name, 3 if info.field_name == "preview" else 5)
 
     @field_validator("temperature")
     @classmethod
@@ -142,10 +135,8 @@ class GenerationConfig(BaseModel):
     @field_validator("max_tokens", "document_max_tokens")
     @classmethod
     def _tokens(cls, value: int, info: Any) -> int:
-        if value < 16:
-            raise ValueError(f"{info.field_name} must be >= 16, got {value}; e.g. "
-                             f"{info.field_name}: {384 if info.field_name == 'max_tokens' else 1600}")
-        return value
+        return at_least(value, 16, info.field_name,
+                        384 if info.field_name == "max_tokens" else 1600)
 
     @field_validator("timeout_s")
     @classmethod

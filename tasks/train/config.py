@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.configs import at_least
 from tasks.ids import content_hash
 from tasks.paths import TRAINING_DIR
 
@@ -266,10 +267,7 @@ class AxolotlConfig(BaseModel):
     @field_validator("micro_batch_size", "gradient_accumulation_steps", "logging_steps")
     @classmethod
     def _at_least_one(cls, value: int, info: ValidationInfo) -> int:
-        if value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1 (got {value}); set "
-                             f"{info.field_name}: 1")
-        return value
+        return at_least(value, 1, info.field_name, 1)
 
     @field_validator("save_steps", "eval_steps", "save_total_limit")
     @classmethod
@@ -282,9 +280,7 @@ class AxolotlConfig(BaseModel):
     @field_validator("warmup_steps")
     @classmethod
     def _warmup(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"warmup_steps must be >= 0 (got {value}); set warmup_steps: 10")
-        return value
+        return at_least(value, 0, "warmup_steps", 10)
 
     @field_validator("learning_rate")
     @classmethod
@@ -296,9 +292,7 @@ class AxolotlConfig(BaseModel):
     @field_validator("weight_decay")
     @classmethod
     def _weight_decay(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError(f"weight_decay must be >= 0 (got {value}); set weight_decay: 0.0")
-        return value
+        return at_least(value, 0, "weight_decay", 0.0)
 
     @field_validator("lr_scheduler")
     @classmethod
