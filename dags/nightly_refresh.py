@@ -2,7 +2,8 @@
 ### Nightly refresh and retrain
 
 Runs at 02:00 UTC (TUNELOOP_NIGHTLY_CRON). Ingests the day's reactions into a reaction-signal
-dataset and retrains **only** when the minimum new-signal count is met and the gate passes;
+dataset and retrains **only** when the minimum new-signal count (Params `min_new_positive` /
+`min_new_negative`, also the dataset build's minimums) is met and the gate passes;
 otherwise it skips with one clear log line saying which threshold was not met and the counts.
 It always refreshes the shadow comparison so the report reflects the latest reactions.
 
@@ -59,10 +60,11 @@ def nightly_refresh():
         return bool(decision["retrain"])
 
     @task
-    def build() -> dict:
-        from tasks.signals import SignalConfig, build_reaction_dataset_or_skip
+    def build(params: dict | None = None) -> dict:
+        from tasks.signals import build_reaction_dataset_or_skip, nightly_signal_config
 
-        return build_reaction_dataset_or_skip(SignalConfig())
+        return build_reaction_dataset_or_skip(nightly_signal_config(
+            params["min_new_positive"], params["min_new_negative"]))
 
     @task.short_circuit
     def gate_passed(result: dict) -> bool:

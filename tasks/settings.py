@@ -112,6 +112,11 @@ class Settings(BaseSettings):
     registered_model_name: str = "tuneloop-assistant"
     trainer_backend: Literal["local", "docker", "kubernetes"] = "local"
     trainer_image: str = "tuneloop-trainer:latest"
+    # When Airflow itself runs in a container (docker compose), the docker training backend asks
+    # the host's daemon to bind-mount run folders: the host path of TUNELOOP_DATA_DIR, and the
+    # network the trainer joins (to reach an http:// MLflow).
+    host_data_dir: str | None = None
+    trainer_network: str | None = None
 
     @field_validator("database_url")
     @classmethod

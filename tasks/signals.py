@@ -247,6 +247,12 @@ def count_new_signals(since_dataset_id: str | None = None, cfg: SignalConfig | N
             and counts["negative"] >= cfg.min_negative}
 
 
+def nightly_signal_config(min_new_positive: int, min_new_negative: int) -> SignalConfig:
+    """The nightly build's config: its minimums are the nightly thresholds, so a run whose new
+    signals met them is never refused for a stricter total (all signals >= new ones)."""
+    return SignalConfig(min_positive=min_new_positive, min_negative=min_new_negative)
+
+
 def nightly_decision(min_new_positive: int = 500, min_new_negative: int = 500, *,
                      cfg: SignalConfig | None = None, engine: Engine | None = None
                      ) -> dict[str, Any]:

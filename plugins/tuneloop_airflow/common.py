@@ -35,8 +35,8 @@ GPU_POOL = "tuneloop_gpu"
 POOLS = {LLM_POOL: (8, "concurrent tasks calling LLM endpoints"),
          GPU_POOL: (1, "concurrent training jobs on the GPU")}
 
-NIGHTLY_CRON = os.environ.get("TUNELOOP_NIGHTLY_CRON", "0 2 * * *")
-SHADOW_COMPARE_CRON = os.environ.get("TUNELOOP_SHADOW_COMPARE_CRON", "30 * * * *")
+NIGHTLY_CRON = os.environ.get("TUNELOOP_NIGHTLY_CRON", "").strip() or "0 2 * * *"
+SHADOW_COMPARE_CRON = os.environ.get("TUNELOOP_SHADOW_COMPARE_CRON", "").strip() or "30 * * * *"
 
 PARAM_DEFAULTS_ENV = "TUNELOOP_DAG_PARAM_DEFAULTS"
 RETRY_DELAY_ENV = "TUNELOOP_RETRY_DELAY_S"

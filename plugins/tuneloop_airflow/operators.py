@@ -33,16 +33,27 @@ class ContainerTrainerOperator(BaseOperator):
 
     def build_operator(self, prepared: dict) -> BaseOperator:
         from tasks.settings import get_settings
-        from tasks.train.container import docker_trainer_kwargs, kubernetes_trainer_kwargs
+        from tasks.train.container import (
+            docker_trainer_kwargs,
+            host_path,
+            kubernetes_trainer_kwargs,
+        )
 
         settings = get_settings()
         if self.backend == "docker":
             from airflow.providers.docker.operators.docker import DockerOperator
 
+            def on_host(path: str | None) -> str | None:
+                return path and host_path(path, settings.data_dir, settings.host_data_dir)
+
+            uri = settings.resolved_mlflow_tracking_uri
             kwargs = docker_trainer_kwargs(
                 prepared["container_config_path"], image=settings.trainer_image,
-                host_output_dir=prepared["host_output_dir"],
-                host_config_dir=prepared["host_config_dir"],
+                host_output_dir=on_host(prepared["host_output_dir"]),
+                host_config_dir=on_host(prepared["host_config_dir"]),
+                host_model_dir=on_host(prepared.get("host_model_dir")),
+                network_mode=settings.trainer_network,
+                mlflow_tracking_uri=uri if uri.startswith(("http://", "https://")) else None,
             )
             return DockerOperator(task_id=f"{self.task_id}__docker", **kwargs)
         from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator

@@ -25,7 +25,7 @@ import logging
 import math
 import shutil
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tasks.train.config import (
@@ -139,6 +139,32 @@ def prepare_container_run(
         host_model_dir=str(host_model_dir) if host_model_dir else None,
         run_sub_path=sub_path, config_hash=container_cfg.config_hash(),
     )
+
+
+def host_path(path: str | Path, data_dir: Path, host_data_dir: str | None) -> str:
+    """The path the Docker daemon must bind-mount for `path`.
+
+    Without `host_data_dir` (Airflow runs on the host) it is `path` itself. When Airflow runs in
+    a container whose TUNELOOP_DATA_DIR is a bind mount of the host folder `host_data_dir`, the
+    daemon resolves mount sources on the host, so a path under `data_dir` moves under it.
+    """
+    if not host_data_dir:
+        return str(path)
+    if not PurePosixPath(host_data_dir).is_absolute():
+        raise TrainingConfigError(
+            f"TUNELOOP_HOST_DATA_DIR={host_data_dir!r} is not an absolute path",
+            fix="set it to the host folder mounted at TUNELOOP_DATA_DIR, e.g. "
+                "TUNELOOP_HOST_DATA_DIR=$PWD/data in .env next to docker-compose.yaml")
+    try:
+        relative = Path(path).resolve().relative_to(Path(data_dir).resolve())
+    except ValueError:
+        raise TrainingConfigError(
+            f"{path} is outside TUNELOOP_DATA_DIR ({data_dir}), so the Docker daemon cannot "
+            "mount it from the host",
+            fix="keep run folders and local base models under TUNELOOP_DATA_DIR (e.g. "
+                "TUNELOOP_MODEL_CACHE=$TUNELOOP_DATA_DIR/models), or use a Hugging Face id "
+                "as base_model") from None
+    return str(PurePosixPath(host_data_dir, *relative.parts))
 
 
 def _trainer_env(mlflow_tracking_uri: str | None, extra: dict[str, str] | None) -> dict[str, str]:

@@ -251,3 +251,61 @@ def test_no_airflow_import_under_tasks_train():
         source = path.read_text()
         assert "import airflow" not in source and "from airflow" not in source, path
     assert "tasks.train.container" in sys.modules  # imported above without Airflow
+
+
+def test_host_path_is_the_path_itself_when_airflow_runs_on_the_host(tmp_path):
+    from tasks.train.container import host_path
+
+    assert host_path(tmp_path / "runs" / "r1", tmp_path, None) == str(tmp_path / "runs" / "r1")
+
+
+def test_host_path_moves_data_dir_paths_under_the_host_folder(tmp_path):
+    from tasks.train.container import host_path
+
+    got = host_path(tmp_path / "runs" / "r1" / "container" / "config", tmp_path, "/srv/tuneloop")
+    assert got == "/srv/tuneloop/runs/r1/container/config"
+
+
+def test_host_path_refuses_a_relative_host_folder_and_paths_outside_the_data_dir(tmp_path):
+    from tasks.train.container import host_path
+
+    with pytest.raises(TrainingConfigError, match=r"TUNELOOP_HOST_DATA_DIR='./data' is not an "
+                                                  r"absolute path.*\$PWD/data"):
+        host_path(tmp_path / "runs", tmp_path, "./data")
+    with pytest.raises(TrainingConfigError, match=r"outside TUNELOOP_DATA_DIR.*TUNELOOP_MODEL_CACHE"):
+        host_path("/opt/models/smollm2", tmp_path / "data", "/srv/tuneloop")
+
+
+def test_docker_operator_in_compose_mounts_host_paths_and_joins_the_network(
+        tmp_path, snapshot, monkeypatch):
+    """Airflow in a container: mount sources are the host's folders, the trainer joins the
+    compose network and gets the http:// MLflow URI."""
+    monkeypatch.syspath_prepend(str(ROOT / "plugins"))
+    from tasks.settings import get_settings
+    from tuneloop_airflow.operators import ContainerTrainerOperator
+
+    data_dir = tmp_path / "artifacts"
+    model_dir = data_dir / "models" / "base"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text("{}")
+    cfg = load_training_config({"datasets": [{"path": str(snapshot)}],
+                                "base_model": str(model_dir)})
+    prepared = prepare_container_run(cfg, run_dir=data_dir / "runs" / "r1",
+                                     artifacts_root=data_dir).to_dict()
+    monkeypatch.setenv("TUNELOOP_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("TUNELOOP_HOST_DATA_DIR", "/srv/tuneloop-data")
+    monkeypatch.setenv("TUNELOOP_TRAINER_NETWORK", "tuneloop")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    get_settings.cache_clear()
+    try:
+        docker = ContainerTrainerOperator(task_id="train_docker", backend="docker",
+                                          prepared=prepared).build_operator(prepared)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    sources = {m["Target"]: m["Source"] for m in docker.mounts}
+    assert sources == {"/config": "/srv/tuneloop-data/runs/r1/config",
+                       "/output": "/srv/tuneloop-data/runs/r1/output",
+                       "/models/base": "/srv/tuneloop-data/models/base"}
+    assert docker.network_mode == "tuneloop"
+    assert docker.environment["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
