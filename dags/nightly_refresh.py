@@ -17,7 +17,14 @@ from datetime import datetime
 
 from airflow.sdk import CronTriggerTimetable, Param, dag, task
 
-from tuneloop_airflow.common import DATASET_ASSET, DEFAULT_ARGS, NIGHTLY_CRON, TAGS, dag_params
+from tuneloop_airflow.common import (
+    DATASET_ASSET,
+    DEFAULT_ARGS,
+    LLM_POOL,
+    NIGHTLY_CRON,
+    TAGS,
+    dag_params,
+)
 
 DAG_ID = "nightly_refresh"
 
@@ -39,7 +46,7 @@ DECIDE_TASK_ID = "enough_new_signals"
     }),
 )
 def nightly_refresh():
-    @task
+    @task(pool=LLM_POOL)
     def refresh_comparison() -> dict:
         from tasks.shadow import compare_and_report
 

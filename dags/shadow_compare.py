@@ -18,7 +18,14 @@ from datetime import datetime
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
-from tuneloop_airflow.common import DEFAULT_ARGS, MODEL_ASSET, SHADOW_COMPARE_CRON, TAGS, dag_params
+from tuneloop_airflow.common import (
+    DEFAULT_ARGS,
+    LLM_POOL,
+    MODEL_ASSET,
+    SHADOW_COMPARE_CRON,
+    TAGS,
+    dag_params,
+)
 
 DAG_ID = "shadow_compare"
 
@@ -44,7 +51,7 @@ DAG_ID = "shadow_compare"
     }),
 )
 def shadow_compare():
-    @task
+    @task(pool=LLM_POOL)
     def compare(params: dict | None = None) -> dict:
         from tasks.shadow import compare_and_report
 

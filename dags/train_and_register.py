@@ -26,6 +26,7 @@ from tuneloop_airflow.common import (
     DATASET_ASSET,
     DEFAULT_ARGS,
     GPU_POOL,
+    LLM_POOL,
     MODEL_ASSET,
     TAGS,
     dag_params,
@@ -88,7 +89,7 @@ def train_and_register():
 
         return register_training(prepared)
 
-    @task
+    @task(pool=LLM_POOL)
     def evaluate(registered: dict, params: dict | None = None) -> dict:
         from tasks.training_flow import evaluate_registered
 

@@ -99,6 +99,23 @@ def test_training_backends_are_branches(dagbag):
         assert dag.get_task(tid).pool == "tuneloop_gpu"
 
 
+# Every task that calls an LLM endpoint (generation, taggers, judges, evaluation, the mirror-mode
+# pairwise judge) queues in the LLM pool; nothing else does.
+LLM_TASKS = {
+    "generate_conversations": {"generate_shard"},
+    "tag_conversations": {"tag_shard", "judge_shard"},
+    "train_and_register": {"evaluate"},
+    "shadow_compare": {"compare"},
+    "nightly_refresh": {"refresh_comparison"},
+}
+
+
+def test_llm_calling_tasks_share_the_llm_pool(dagbag):
+    for dag_id, dag in dagbag.dags.items():
+        in_pool = {t.task_id for t in dag.tasks if t.pool == "tuneloop_llm"}
+        assert in_pool == LLM_TASKS.get(dag_id, set()), dag_id
+
+
 @pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
 def test_dag_files_only_wire(path):
     """No heavy import at module level and no Airflow 2 API in DAG files."""
