@@ -165,7 +165,7 @@ def deploy_challenger(
             f"champion and challenger are both version {challenger_version}; deploy a different "
             "challenger", version=challenger_version)
     name = model_name or get_settings().registered_model_name
-    deployment_id = deployment_id_for(name, champion_version, challenger_version, mode, share)
+    base_id = deployment_id_for(name, champion_version, challenger_version, mode, share)
 
     adapters: dict[str, str | None] = {}
     if materialize:
@@ -180,6 +180,7 @@ def deploy_challenger(
             adapters[variant] = str(path) if path is not None else None
 
     with session_scope(_engine(engine)) as session:
+        deployment_id = _generation_id(session, base_id)
         ended = list(session.execute(
             select(Deployment.id).where(Deployment.model_name == name,
                                         Deployment.active.is_(True),
@@ -199,6 +200,21 @@ def deploy_challenger(
     return {"deployment_id": deployment_id, "model_name": name, "mode": mode, "share": share,
             "champion_version": champion_version, "challenger_version": challenger_version,
             "ended": ended, "adapters": adapters}
+
+
+def _generation_id(session: Any, base_id: str) -> str:
+    """The id this deployment gets: `base_id` the first time and while it is active (a rerun is
+    a no-op); once that one has ended, a fresh id per redeployment, so the new period's
+    comparison starts empty instead of mixing in the ended period's traffic."""
+    from tasks.db.models import Deployment
+
+    generation, candidate = 0, base_id
+    while True:
+        row = session.get(Deployment, candidate)
+        if row is None or row.active:
+            return candidate
+        generation += 1
+        candidate = stable_id(base_id, "redeployed", generation)
 
 
 def end_deployment(deployment_id: str, *, engine: Any = None) -> bool:
@@ -282,9 +298,13 @@ SELECT c.id AS champion_id, m.id AS mirror_id, c.request_messages AS messages,
 FROM interactions m JOIN interactions c ON c.id = m.mirror_of
 WHERE m.deployment_id = :deployment_id AND m.variant = 'mirror'
   AND m.status = 'ok' AND c.status = 'ok' AND m.response <> '' AND c.response <> ''
-ORDER BY c.created_at, c.id
+ORDER BY md5(c.id) COLLATE "C", c.id
 LIMIT :limit
 """
+# Which mirrored pairs the judge sees: a uniform sample of the whole deployment, chosen by a hash
+# of the champion interaction id. It is stable from run to run (so the verdicts already given
+# come back from the LLM response cache instead of being paid for again) and follows the
+# traffic: a newly mirrored pair whose hash sorts into the first `max_judge_pairs` joins it.
 
 
 def variant_metrics(counts: dict[str, Any], confidence: float = 0.95) -> dict[str, Any]:
@@ -491,7 +511,7 @@ def compare_variants(
     alpha: float = 0.05,
     windows: SignalWindows | dict[str, Any] | None = None,
     judge: bool = True,
-    max_judge_pairs: int = 200,
+    max_judge_pairs: int = 1000,
     judge_client: Any = None,
     model_name: str | None = None,
     engine: Any = None,

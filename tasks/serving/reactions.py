@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
@@ -121,11 +121,23 @@ def reactions_router(router: Router) -> APIRouter:
         _ERRORS,
         BEARER,
         ErrorResponse,
+        Rejected,
         _unauthorized,
         error_response,
     )
 
     api = APIRouter(tags=["reactions"])
+
+    async def authorized_key(credentials: HTTPAuthorizationCredentials | None = BEARER) -> str:
+        """The caller's key id; a bad key (401) or an empty bucket (429) answers before the
+        body is validated, so no unauthenticated request learns anything or escapes the limit."""
+        key_id = router.authenticate(credentials)
+        if key_id is None:
+            raise Rejected(_unauthorized())
+        limited = router.rate_limited(key_id, None)
+        if limited is not None:
+            raise Rejected(limited)
+        return key_id
 
     @api.post(
         "/reactions", status_code=201, response_model=ReactionOut,
@@ -136,16 +148,11 @@ def reactions_router(router: Router) -> APIRouter:
     )
     async def post_reaction(
         body: ReactionIn,
-        credentials: HTTPAuthorizationCredentials | None = BEARER,
+        key_id: str = Depends(authorized_key),
         idempotency_key: str | None = Header(default=None, min_length=1, max_length=255,
                                              pattern=IDEMPOTENCY_KEY_PATTERN),
     ) -> Any:
-        key_id = router.authenticate(credentials)
-        if key_id is None:
-            return _unauthorized()
-        limited = router.rate_limited(key_id, None)
-        if limited is not None:
-            return limited
+        del key_id  # authenticated and rate-limited by the dependency
         # The header wins when both are sent (it is what HTTP middleware and retries keep).
         key = idempotency_key or body.idempotency_key
         if router.log.is_pending(body.interaction_id):

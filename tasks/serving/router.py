@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import anyio
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -170,8 +171,10 @@ class RouterConfig(BaseModel):
     deployment_ttl_s: float = 2.0
     rate_limit_per_s: float = 20.0  # per user; 0 disables
     rate_limit_burst: int = 40
-    key_rate_limit_per_s: float = 200.0  # per API key for requests without a user; 0 disables
-    key_rate_limit_burst: int = 400
+    # Per API key over all its requests (chat with or without a user, reactions): varying
+    # `user` cannot lift it. 0 disables.
+    key_rate_limit_per_s: float = 1000.0
+    key_rate_limit_burst: int = 2000
     log_batch_size: int = 256
     log_flush_interval_s: float = 0.2
     log_queue_max: int = 100_000
@@ -806,6 +809,7 @@ class UpstreamStream:
         self.status_code = status_code
         self._chunks = chunks
         self._close = close
+        self._closed = False
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         try:
@@ -820,6 +824,10 @@ class UpstreamStream:
         return b"".join([chunk async for chunk in self.aiter_raw()])
 
     async def aclose(self) -> None:
+        """Release the backend connection; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
         result = self._close()
         if asyncio.iscoroutine(result):
             await result
@@ -1001,10 +1009,11 @@ class Router:
                                                               credentials=token.strip()))
 
     def rate_limited(self, key_id: str, user_hash: str | None) -> JSONResponse | None:
-        if user_hash is not None:
+        """429 when the key's bucket (every request) or the user's bucket (requests naming a
+        user) is empty; None when the request may go on."""
+        wait = self.key_limiter.acquire(key_id)
+        if wait <= 0 and user_hash is not None:
             wait = self.user_limiter.acquire(f"{key_id}:{user_hash}")
-        else:
-            wait = self.key_limiter.acquire(key_id)
         if wait <= 0:
             return None
         return error_response(
@@ -1188,6 +1197,7 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
     app.state.router = router
     app.add_exception_handler(RequestValidationError, _validation_error_response)
     app.add_exception_handler(StarletteHTTPException, _http_error_response)
+    app.add_exception_handler(Rejected, _rejected_response)
 
     api = APIRouter(prefix="/v1")
 
@@ -1289,6 +1299,20 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
     return app
 
 
+class Rejected(Exception):  # noqa: N818 - it carries the response, it is not an error
+    """Raised by a route dependency (auth, rate limit) to answer `response` at once: FastAPI
+    calls dependencies before it validates the body, so a bad key is a 401 whatever it sent."""
+
+    def __init__(self, response: JSONResponse) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+async def _rejected_response(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Rejected)
+    return exc.response
+
+
 def _unauthorized() -> JSONResponse:
     return error_response(401, "missing or invalid API key; send Authorization: Bearer <key>",
                           type_="authentication_error", code="invalid_api_key",
@@ -1360,6 +1384,19 @@ def _backend_failed(response: UpstreamResponse | UpstreamStream | None,
     return exc is not None or (response is not None and response.status_code >= 500)
 
 
+def _log_failed_attempt(router: Router, state: RoutingState, row_base: dict[str, Any],
+                        variant: str, model: str, detail: str, started: float) -> None:
+    """A challenger attempt that failed before the champion answered in its place gets its own
+    `backend_error` row (id derived from the served interaction's, which its context names), so
+    the challenger's error rate counts it and the shadow report's error guard can roll back."""
+    router.log.submit(interaction_row(
+        **{**row_base, "id": stable_id(row_base["id"], "failed-attempt", variant),
+           "context": {**row_base["context"], "fallback_to": row_base["id"]}},
+        variant=variant, model_name=model, model_version=state.versions[variant],
+        latency_ms=(time.perf_counter() - started) * 1000.0, status="backend_error",
+        error=detail[:2000]))
+
+
 async def _complete(router: Router, state: RoutingState, variant: str, payload: dict[str, Any],
                     row_base: dict[str, Any], started: float, mirror: bool) -> Response:
     """Non-streaming: forward, fall back to the champion if the challenger fails, log, answer."""
@@ -1377,8 +1414,11 @@ async def _complete(router: Router, state: RoutingState, variant: str, payload: 
                 row_base["context"]["fallback_from"] = variant
             variant = attempt_variant
             break
-        log.warning("router: %s backend failed (%s)", attempt_variant,
-                    error or f"HTTP {response.status_code if response else '?'}")
+        detail = str(error) if error else f"HTTP {response.status_code if response else '?'}"
+        log.warning("router: %s backend failed (%s)", attempt_variant, detail)
+        if attempt_variant != "champion":
+            _log_failed_attempt(router, state, row_base, attempt_variant, payload["model"],
+                                detail, started)
     latency_ms = (time.perf_counter() - started) * 1000.0
     row = interaction_row(**row_base, variant=variant, model_name=payload["model"],
                           model_version=state.versions[variant], latency_ms=latency_ms)
@@ -1432,6 +1472,10 @@ async def _stream(router: Router, state: RoutingState, variant: str, payload: di
             break
         if upstream is not None:
             await upstream.aclose()
+        if attempt_variant != "champion":
+            detail = str(error) if error else f"HTTP {upstream.status_code if upstream else '?'}"
+            _log_failed_attempt(router, state, row_base, attempt_variant, payload["model"],
+                                detail, started)
     row = interaction_row(**row_base, variant=variant, model_name=payload["model"],
                           model_version=state.versions[variant])
     headers = _response_headers(row["id"], variant, state.versions[variant])
@@ -1457,8 +1501,18 @@ async def _stream(router: Router, state: RoutingState, variant: str, payload: di
                             state=state, context=row_base["context"],
                             messages=row_base["request_messages"])
 
+    text = SSEText()
+    logged = False
+
+    def log_once(status: str, error_text: str | None) -> None:
+        nonlocal logged
+        if not logged:
+            logged = True
+            row.update(response=text.text, status=status, error=error_text,
+                       latency_ms=(time.perf_counter() - started) * 1000.0)
+            router.log.submit(row)
+
     async def passthrough() -> AsyncIterator[bytes]:
-        text = SSEText()
         status, error_text = "client_disconnected", None
         try:
             async for chunk in upstream.aiter_raw():
@@ -1470,13 +1524,32 @@ async def _stream(router: Router, state: RoutingState, variant: str, payload: di
         except BackendUnavailable as exc:
             status, error_text = "backend_error", str(exc)
         finally:
+            log_once(status, error_text)
             await upstream.aclose()
-            row.update(response=text.text, status=status, error=error_text,
-                       latency_ms=(time.perf_counter() - started) * 1000.0)
-            router.log.submit(row)
 
-    return StreamingResponse(passthrough(), media_type="text/event-stream",
-                             headers={**headers, "Cache-Control": "no-cache"})
+    async def closed() -> None:
+        # A client gone before the body generator first ran never enters its `finally`.
+        log_once("client_disconnected", None)
+        await upstream.aclose()
+
+    return _ClosingStream(passthrough(), closed, media_type="text/event-stream",
+                          headers={**headers, "Cache-Control": "no-cache"})
+
+
+class _ClosingStream(StreamingResponse):
+    """A StreamingResponse that always runs `on_close` once it is over, however it ended
+    (finished, client gone before the first chunk, task cancelled)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Any, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
 
 
 # ---- running it --------------------------------------------------------------------------------

@@ -333,11 +333,22 @@ def test_failed_challenger_falls_back_to_champion_and_failures_are_logged(
         assert response.status_code == 200
         assert response.headers["x-tuneloop-variant"] == "champion"
         assert response.json()["choices"][0]["message"]["content"].startswith("CHAMPION")
-        interaction_id = response.headers["x-interaction-id"]
-        server.app.state.router.log.wait_written(interaction_id, 5)
-    with session_scope(router_engine) as session:
-        row = session.get(Interaction, interaction_id)
-    assert row.context["fallback_from"] == "challenger" and row.variant == "champion"
+        streamed = chat(client, "fallback stream", user="y", stream=True)
+        assert streamed.status_code == 200 and "CHAMPION" in streamed.text
+        served = [response.headers["x-interaction-id"], streamed.headers["x-interaction-id"]]
+        for interaction_id in served:
+            server.app.state.router.log.wait_written(interaction_id, 5)
+    for interaction_id in served:
+        with session_scope(router_engine) as session:
+            row = session.get(Interaction, interaction_id)
+        assert row.context["fallback_from"] == "challenger" and row.variant == "champion"
+        assert row.status == "ok"
+        # The failed challenger attempt is a row of its own, so the challenger's error rate
+        # (what the shadow report's rollback guard tests) counts it.
+        failed = wait_rows(router_engine, Interaction.context["fallback_to"].astext
+                           == interaction_id, 1)
+        assert [(r.variant, r.status) for r in failed] == [("challenger", "backend_error")]
+        assert failed[0].error and failed[0].model_version == "2"
 
 
 def test_champion_backend_down_is_a_502_with_a_logged_row(backends, router_engine, model_name):
@@ -399,6 +410,32 @@ def test_every_v1_route_needs_the_api_key(serve, headers):
 def test_models_lists_the_public_model(serve):
     _, client = serve()
     assert [m["id"] for m in client.get("/models").json()["data"]] == ["tuneloop"]
+
+
+def test_the_key_limit_holds_whatever_user_the_requests_name(serve):
+    _, client = serve(key_rate_limit_per_s=0.1, key_rate_limit_burst=3)
+    codes = [chat(client, "hi", user=f"user-{i}").status_code for i in range(4)]
+    assert codes == [200, 200, 200, 429]
+    assert client.post("/reactions", json={"interaction_id": "abc", "reaction": "done",
+                                           "dwell_ms": 1}).status_code == 429
+
+
+def test_reactions_are_rate_limited_per_key(serve):
+    _, client = serve(key_rate_limit_per_s=0.1, key_rate_limit_burst=2)
+    body = {"interaction_id": uuid.uuid4().hex, "reaction": "done", "dwell_ms": 20_000}
+    codes = [client.post("/reactions", json=body).status_code for _ in range(3)]
+    assert codes == [404, 404, 429]
+    assert int(client.post("/reactions", json=body).headers["retry-after"]) >= 1
+
+
+def test_reactions_check_the_key_before_the_body(serve):
+    """A caller without a valid key learns nothing from validation: 401, never 422."""
+    server, _ = serve()
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = httpx.post(f"{server.base_url}/reactions", headers=headers,
+                              json={"reaction": "love", "dwell_ms": -1})
+        assert response.status_code == 401, response.text
+        assert response.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_rate_limit_per_user_answers_429_with_retry_after(serve):
@@ -589,3 +626,42 @@ def test_unexpected_error_on_the_chat_route_is_a_logged_json_500(serve, caplog):
     assert "limiter exploded" in caplog.text
     assert chat(client, "hello again", user="u-500").status_code == 500  # still serving
     assert client.get("/models").status_code == 200
+
+
+@pytest.mark.parametrize("spec_version", ["2.4", "2.3"])
+def test_a_stream_whose_client_left_before_the_first_chunk_still_closes_and_logs(spec_version):
+    """Starlette never starts the body generator when the client is gone before the first
+    chunk (2.4: the first send fails; older servers: a disconnect message cancels the stream),
+    so the generator's `finally` cannot log or release the backend; on_close runs regardless."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    from tasks.serving.router import _ClosingStream
+
+    started, closed = [], []
+
+    async def body():
+        started.append(True)
+        yield b"data: never\n\n"
+
+    async def on_close():
+        closed.append(True)
+
+    async def send(message):
+        if spec_version == "2.4":
+            raise OSError("client went away")
+        await asyncio.sleep(3600)  # a stalled client: only the disconnect message ends it
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    response = _ClosingStream(body(), on_close, media_type="text/event-stream")
+    scope = {"type": "http", "asgi": {"spec_version": spec_version}, "method": "POST",
+             "path": "/"}
+    if spec_version == "2.4":
+        with pytest.raises(ClientDisconnect):
+            asyncio.run(response(scope, receive, send))
+    else:
+        asyncio.run(asyncio.wait_for(response(scope, receive, send), 10))
+    assert started == [] and closed == [True]

@@ -4,6 +4,7 @@ the pairwise judge (fake judge server), the report, and the aliases moving in a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -29,6 +30,7 @@ from tasks.shadow import (
     compare_variants,
     decide,
     deploy_challenger,
+    end_deployment,
     write_report,
 )
 from tests.fakes.fake_openai import FakeOpenAIServer
@@ -143,6 +145,27 @@ def test_deploy_challenger_is_deterministic_and_ends_the_previous_one(shadow_eng
     assert rows[second["deployment_id"]].active is True
     assert (rows[second["deployment_id"]].mode, rows[second["deployment_id"]].share) == \
         ("mirror", 1.0)
+
+
+def test_redeploying_an_ended_configuration_starts_a_fresh_deployment(shadow_engine, model_name):
+    """Rolled back, then the same challenger deployed again: a new id with its own start time,
+    so the old period's interactions are not in the new comparison; a rerun stays a no-op."""
+    kwargs = dict(champion_version="1", mode="canary", share=0.5, model_name=model_name,
+                  engine=shadow_engine)
+    first = deploy_challenger("2", **kwargs)["deployment_id"]
+    seed(shadow_engine, first, "challenger", [("dismiss", 1_000)] * 3, version="2")
+    end_deployment(first, engine=shadow_engine)
+    second = deploy_challenger("2", **kwargs)
+    assert second["deployment_id"] != first and second["ended"] == []
+    assert deploy_challenger("2", **kwargs)["deployment_id"] == second["deployment_id"]
+    report = compare_variants(second["deployment_id"], min_samples=1, engine=shadow_engine)
+    assert report["variants"]["challenger"]["requests"] == 0
+    with session_scope(shadow_engine) as session:
+        old, new = session.get(Deployment, first), session.get(Deployment, second["deployment_id"])
+        assert not old.active and new.active and new.started_at >= old.ended_at
+    end_deployment(second["deployment_id"], engine=shadow_engine)
+    third = deploy_challenger("2", **kwargs)["deployment_id"]
+    assert third not in (first, second["deployment_id"])
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -313,9 +336,7 @@ def always_a(request: dict) -> str:
     return json.dumps({"winner": "A", "reason": "first is best"})
 
 
-def seed_mirror(engine, model_name: str, pairs: int) -> str:
-    deployment_id = deploy_challenger("2", champion_version="1", mode="mirror", share=1.0,
-                                      model_name=model_name, engine=engine)["deployment_id"]
+def _add_pairs(engine, deployment_id: str, pairs: int) -> list[str]:
     champion_ids = seed(engine, deployment_id, "champion", [(None, 0)] * pairs, version="1")
     rows = [{"id": stable_id("mirror", cid), "user_hash": "u", "deployment_id": deployment_id,
              "variant": "mirror", "model_name": "m", "model_version": "2", "context": {},
@@ -324,6 +345,13 @@ def seed_mirror(engine, model_name: str, pairs: int) -> str:
              "status": "ok"} for i, cid in enumerate(champion_ids)]
     with session_scope(engine) as session:
         upsert(session, Interaction, rows)
+    return champion_ids
+
+
+def seed_mirror(engine, model_name: str, pairs: int) -> str:
+    deployment_id = deploy_challenger("2", champion_version="1", mode="mirror", share=1.0,
+                                      model_name=model_name, engine=engine)["deployment_id"]
+    _add_pairs(engine, deployment_id, pairs)
     return deployment_id
 
 
@@ -347,6 +375,33 @@ def test_mirror_pairs_are_judged_in_both_orders(shadow_engine, model_name, respo
     assert (pairwise["challenger_wins"], pairwise["ties"], pairwise["judged"]) == (wins, ties, 12)
     assert report["decision"] == decision
     assert report["variants"]["challenger"]["requests"] == 12  # the mirror rows
+
+
+def _hash_sample(ids: list[str], k: int) -> set[str]:
+    return set(sorted(ids, key=lambda i: (hashlib.md5(i.encode()).hexdigest(), i))[:k])
+
+
+def test_the_judged_pairs_are_a_hash_sample_that_follows_new_traffic(shadow_engine, model_name):
+    """Not the oldest pairs forever: a stable hash sample over all pairs, so new mirrored traffic
+    enters it (and verdicts already given come back from the response cache)."""
+    deployment_id = deploy_challenger("2", champion_version="1", mode="mirror", share=1.0,
+                                      model_name=model_name, engine=shadow_engine)["deployment_id"]
+    first = _add_pairs(shadow_engine, deployment_id, 12)
+    with FakeOpenAIServer(responder=prefers_challenger) as judge_server:
+        client = LLMClient([Endpoint(base_url=judge_server.base_url, model="fake-model")],
+                           max_retries=0)
+
+        def judged() -> set[str]:
+            report = compare_variants(deployment_id, min_samples=1, max_judge_pairs=5,
+                                      judge_client=client, engine=shadow_engine)
+            return {p["champion_id"] for p in report["pairwise"]["details"]}
+
+        assert judged() == _hash_sample(first, 5)
+        assert judged() == _hash_sample(first, 5)  # stable from run to run
+        later = _add_pairs(shadow_engine, deployment_id, 24)
+        sample = judged()
+    assert sample == _hash_sample(first + later, 5)
+    assert sample & set(later), "newly mirrored pairs must be able to enter the sample"
 
 
 # ---- report ------------------------------------------------------------------------------------
