@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
@@ -124,6 +124,7 @@ def reactions_router(router: Router) -> APIRouter:
         Rejected,
         _unauthorized,
         error_response,
+        validated_body,
     )
 
     api = APIRouter(tags=["reactions"])
@@ -145,14 +146,19 @@ def reactions_router(router: Router) -> APIRouter:
                    404: {"model": ErrorResponse, "description": "unknown interaction"},
                    409: {"model": ErrorResponse,
                          "description": "idempotency key reused with another payload"}},
+        # The body is read after the key check (a caller without a key learns nothing, not
+        # even whether its JSON parses); the document still describes it.
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/ReactionIn"}}}}},
     )
     async def post_reaction(
-        body: ReactionIn,
+        request: Request,
         key_id: str = Depends(authorized_key),
         idempotency_key: str | None = Header(default=None, min_length=1, max_length=255,
                                              pattern=IDEMPOTENCY_KEY_PATTERN),
     ) -> Any:
         del key_id  # authenticated and rate-limited by the dependency
+        _, body = await validated_body(request, ReactionIn)
         # The header wins when both are sent (it is what HTTP middleware and retries keep).
         key = idempotency_key or body.idempotency_key
         if router.log.is_pending(body.interaction_id):

@@ -47,7 +47,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
 import httpx
@@ -71,6 +71,7 @@ from tasks.ids import stable_id
 from tasks.settings import DEFAULT_LOCAL_MODEL, Settings, get_settings
 
 log = logging.getLogger(__name__)
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 VARIANTS = ("champion", "challenger")
 MODES = ("canary", "mirror", "off")
@@ -1162,6 +1163,8 @@ class _RouterApp(FastAPI):
             response = await handler(request)
         except RequestValidationError as exc:
             response = _validation_error_response(request, exc)
+        except Rejected as exc:
+            response = exc.response
         except Exception:  # noqa: BLE001 - what ServerErrorMiddleware would do, as JSON
             log.exception("router: unhandled error in %s %s", scope["method"], scope["path"])
             response = error_response(500, "internal router error; see the router log",
@@ -1240,12 +1243,8 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
         key_id = router.authenticate_header(headers.get("authorization"))
         if key_id is None:
             return _unauthorized()
+        data, body = await validated_body(request, ChatCompletionRequest)
         try:
-            data = json.loads(await request.body())
-        except ValueError as exc:
-            return error_response(400, f"the body is not valid JSON: {exc}", code="invalid_json")
-        try:
-            body = ChatCompletionRequest.model_validate(data)
             x_user_id = _header(headers, "x-user-id", 256)
             x_request_id = _header(headers, "x-request-id", 200)
         except ValidationError as exc:
@@ -1313,6 +1312,21 @@ async def _rejected_response(_request: Request, exc: Exception) -> JSONResponse:
     return exc.response
 
 
+async def validated_body(request: Request, model: type[ModelT]) -> tuple[Any, ModelT]:
+    """(the JSON as sent, `model` validated from it) for routes that read their body by hand,
+    after authentication: invalid JSON is a 400, an invalid field a 422 naming it."""
+    try:
+        data = json.loads(await request.body())
+    except ValueError as exc:
+        raise Rejected(error_response(400, f"the body is not valid JSON: {exc}",
+                                      code="invalid_json")) from None
+    try:
+        return data, model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]) from None
+
+
 def _unauthorized() -> JSONResponse:
     return error_response(401, "missing or invalid API key; send Authorization: Bearer <key>",
                           type_="authentication_error", code="invalid_api_key",
@@ -1366,6 +1380,12 @@ def _pin_public_model_in_schema(app: FastAPI, public_model: str) -> None:
             components.update(request_schema.pop("$defs", {}))
             components["ChatCompletionRequest"] = request_schema
             request_schema["properties"]["model"]["enum"] = [public_model]
+            from tasks.serving.reactions import ReactionIn
+
+            reaction_schema = ReactionIn.model_json_schema(
+                ref_template="#/components/schemas/{model}")
+            components.update(reaction_schema.pop("$defs", {}))
+            components["ReactionIn"] = reaction_schema
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -471,6 +471,19 @@ def test_invalid_reaction_is_422_naming_the_field(serve, body, field):
     assert error["param"] == field and field in error["message"]
 
 
+def test_reaction_body_that_is_not_json_is_400_and_the_schema_still_describes_it(serve):
+    server, client = serve()
+    response = client.post("/reactions", content=b"{not json",
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    schema = httpx.get(server.base_url.removesuffix("/v1") + "/openapi.json").json()
+    body = schema["paths"]["/v1/reactions"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ReactionIn"}
+    assert {"interaction_id", "reaction", "dwell_ms"} <= set(
+        schema["components"]["schemas"]["ReactionIn"]["properties"])
+
+
 def test_reaction_to_unknown_interaction_is_404(serve):
     _, client = serve()
     response = client.post("/reactions", json={"interaction_id": uuid.uuid4().hex,

@@ -58,6 +58,27 @@ def test_router_api_conforms_to_its_schema(case):
     case.call_and_validate(headers={"Authorization": f"Bearer {API_KEY}"})
 
 
+OPEN_PATHS = {"/health", "/"}  # liveness and the service banner need no key
+
+
+@schema.parametrize()
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+def test_without_a_valid_key_every_protected_route_is_401(case):
+    """Generated requests, valid or not, with no key or a wrong one: 401 before anything else
+    (validation, rate limits, backends) looks at them — never 422, 404 or 5xx."""
+    if case.method.upper() != case.operation.method.upper():
+        return  # schemathesis also probes unsupported methods: a 405 is right for those
+    if case.headers:
+        case.headers.pop("Authorization", None)
+    for headers in ({}, {"Authorization": "Bearer not-the-key"}):
+        response = case.call(headers=headers)
+        if case.path in OPEN_PATHS:
+            assert response.status_code < 500
+        else:
+            assert response.status_code == 401, (case.method, case.path, response.text[:200])
+
+
 def test_enough_generated_cases_ran():
     if not CASES:
         pytest.skip("the generated tests did not run in this session (deselected)")
