@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     router_champion_base_url: str | None = None
     router_challenger_base_url: str | None = None
     router_model_template: str = "local"
+    # Token buckets (requests/s and burst; rate 0 disables): per end user (the body's `user` or
+    # X-User-Id) and per API key over all its requests.
+    router_user_rate_limit_per_s: float = 20.0
+    router_user_rate_limit_burst: int = 40
+    router_key_rate_limit_per_s: float = 1000.0
+    router_key_rate_limit_burst: int = 2000
     user_hash_salt: SecretStr = SecretStr("tuneloop-dev-salt-change-me")
     registered_model_name: str = "tuneloop-assistant"
     trainer_backend: Literal["local", "docker", "kubernetes"] = "local"
@@ -148,6 +154,21 @@ class Settings(BaseSettings):
     def _positive_int(cls, value: int) -> int:
         if value < 1:
             raise ValueError(f"must be a positive integer, got {value}; e.g. 16 or 8300")
+        return value
+
+    @field_validator("router_user_rate_limit_per_s", "router_key_rate_limit_per_s")
+    @classmethod
+    def _rate(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError(f"must be >= 0 requests/s (0 disables the limit), got {value}; "
+                             "e.g. 20")
+        return value
+
+    @field_validator("router_user_rate_limit_burst", "router_key_rate_limit_burst")
+    @classmethod
+    def _burst(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be >= 1 request, got {value}; e.g. 40")
         return value
 
     # ---- derived values -------------------------------------------------------------------

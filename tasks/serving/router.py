@@ -258,6 +258,10 @@ class RouterConfig(BaseModel):
             "user_hash_salt": settings.user_hash_salt,
             "database_url": settings.database_url,
             "tracking_uri": settings.resolved_mlflow_tracking_uri,
+            "rate_limit_per_s": settings.router_user_rate_limit_per_s,
+            "rate_limit_burst": settings.router_user_rate_limit_burst,
+            "key_rate_limit_per_s": settings.router_key_rate_limit_per_s,
+            "key_rate_limit_burst": settings.router_key_rate_limit_burst,
         }
         values.update(overrides)
         return cls(**values)

@@ -53,3 +53,24 @@ def test_unset_mlflow_uri_gives_registry_capable_sqlite_store(monkeypatch, tmp_p
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("TUNELOOP_DATA_DIR", str(tmp_path))
     assert load_settings().resolved_mlflow_tracking_uri.startswith("sqlite:///")
+
+
+def test_router_rate_limits_come_from_the_environment(monkeypatch):
+    from tasks.serving.router import RouterConfig
+
+    monkeypatch.setenv("TUNELOOP_ROUTER_USER_RATE_LIMIT_PER_S", "5")
+    monkeypatch.setenv("TUNELOOP_ROUTER_USER_RATE_LIMIT_BURST", "7")
+    monkeypatch.setenv("TUNELOOP_ROUTER_KEY_RATE_LIMIT_PER_S", "0")
+    config = RouterConfig.from_settings(load_settings())
+    assert (config.rate_limit_per_s, config.rate_limit_burst) == (5.0, 7)
+    assert (config.key_rate_limit_per_s, config.key_rate_limit_burst) == (0.0, 2000)
+
+
+@pytest.mark.parametrize(("var", "value", "message"), [
+    ("TUNELOOP_ROUTER_USER_RATE_LIMIT_PER_S", "-1", "must be >= 0 requests/s"),
+    ("TUNELOOP_ROUTER_KEY_RATE_LIMIT_BURST", "0", "must be >= 1 request"),
+])
+def test_bad_router_rate_limit_names_the_variable(monkeypatch, var, value, message):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError, match=f"{var}: .*{message}"):
+        load_settings()
