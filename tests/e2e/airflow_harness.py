@@ -141,8 +141,13 @@ class AirflowStack:
     running: ClassVar[list[AirflowStack]] = []
 
     def __init__(self, home: Path, metadata_url: str, env: Mapping[str, str] | None = None, *,
-                 components: Sequence[str] = COMPONENTS, parallelism: int = 4) -> None:
+                 components: Sequence[str] = COMPONENTS, parallelism: int = 4,
+                 restart_always: bool = False) -> None:
         self.home = Path(home)
+        # docker compose's `restart: always`: a component that exits (the dag-processor does
+        # when the metadata database goes away) is started again; `restarts` records it.
+        self.restart_always = restart_always
+        self.restarts: list[tuple[str, int]] = []
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.components = tuple(components)
@@ -197,11 +202,7 @@ class AirflowStack:
         self.home.mkdir(parents=True, exist_ok=True)
         migrate_metadata(self.env)
         for name in self.components:
-            log = open(self.home / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-            self.processes[name] = subprocess.Popen(
-                [AIRFLOW_BIN, name], cwd=self.home, env=self.env, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
-            log.close()  # the child holds its own descriptor
+            self._spawn(name, "w")
         self._wait_healthy(timeout)
         self.token = self._login()
         import httpx
@@ -220,11 +221,22 @@ class AirflowStack:
         _terminate_groups([self.processes[name] for name in order])
         self.processes.clear()
 
+    def _spawn(self, name: str, mode: str) -> None:
+        log = open(self.home / f"{name}.log", mode)  # noqa: SIM115 - closed with the process
+        self.processes[name] = subprocess.Popen(
+            [AIRFLOW_BIN, name], cwd=self.home, env=self.env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()  # the child holds its own descriptor
+
     def _check_alive(self) -> None:
-        for name, proc in self.processes.items():
-            if proc.poll() is not None:
+        for name, proc in list(self.processes.items()):
+            if proc.poll() is None:
+                continue
+            if not self.restart_always:
                 raise HarnessError(f"airflow {name} exited with {proc.returncode}:\n"
                                    + tail(self.home / f"{name}.log", 80))
+            self.restarts.append((name, proc.returncode))
+            self._spawn(name, "a")
 
     def _wait_healthy(self, timeout: float) -> None:
         import httpx
@@ -322,7 +334,16 @@ class AirflowStack:
         seen: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
             self._check_alive()
-            seen = [r for r in self.dag_runs(dag_id)
+            try:
+                runs = self.dag_runs(dag_id)
+            except Exception as exc:  # noqa: BLE001 - the API's own database may be restarting
+                if not self.restart_always:
+                    raise
+                print(f"airflow API not answering yet ({str(exc)[:120]}); retrying",
+                      file=sys.stderr)
+                time.sleep(2)
+                continue
+            seen = [r for r in runs
                     if (run_id is None or r["dag_run_id"] == run_id)
                     and (run_type is None or r["run_type"] == run_type)]
             for run in seen:

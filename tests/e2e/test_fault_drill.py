@@ -1,12 +1,14 @@
-"""Fault drill: tuneloop's Postgres restarts while a generate_conversations run is in flight.
+"""Fault drill: Postgres restarts while a generate_conversations run is in flight.
 
-tuneloop's data database lives on a private PostgreSQL cluster this test owns (the machine's
-shared server on 5432 keeps Airflow's metadata and is never touched). The fake LLM answers with
-latency, so generation shards are still running when the first rows land; the cluster is then
-stopped (`pg_ctl stop -m fast`), kept down a few seconds and started again. Tasks that hit the
-outage fail, Airflow retries them (TUNELOOP_RETRY_DELAY_S is short here), and a retried shard
-resumes from the deterministic ids already stored. The run must succeed with every requested
-conversation stored exactly once, and the drill must prove the outage was actually hit.
+As in docker-compose.yaml, one PostgreSQL server holds both tuneloop's data and Airflow's
+metadata: a private cluster this test owns (the machine's shared server on 5432 is never
+touched). The fake LLM answers with latency, so generation shards are still running when the
+first rows land; the cluster is then stopped (`pg_ctl stop -m fast`), kept down a few seconds and
+started again. Airflow components that exit on losing their database are started again, as
+compose's `restart: always` does. Tasks that hit the outage fail, Airflow retries them
+(TUNELOOP_RETRY_DELAY_S is short here), and a retried shard resumes from the deterministic ids
+already stored. The run must succeed with every requested conversation stored exactly once, and
+the drill must prove the outage was actually hit.
 """
 
 from __future__ import annotations
@@ -31,19 +33,19 @@ OUTAGE_S = 4.0
 
 
 @pytest.fixture(scope="module")
-def drill(make_database, tmp_path_factory):
-    """Private Postgres (tuneloop data) + slow fake LLM + Airflow (metadata on the shared DB)."""
+def drill(tmp_path_factory):
+    """Private Postgres (tuneloop data + Airflow metadata) + slow fake LLM + Airflow."""
     from tests.fakes.fake_openai import FakeOpenAIServer
 
     root = tmp_path_factory.mktemp("fault-drill")
-    metadata_url = make_database("airflow_fault_drill")
     with PrivatePostgres() as postgres, FakeOpenAIServer(
             responder="tests.fakes.pipeline_replies:reply", **SLOW_LLM) as llm:
         data_url = postgres.create_database("tuneloop")
+        metadata_url = postgres.create_database("airflow")
         env = tuneloop_env(database_url=data_url, llm_base_url=llm.base_url,
                            data_dir=root / "data", retry_delay_s=3)
-        # No triggerer: nothing here defers, and the drill is about the data database.
-        with AirflowStack(root / "airflow", metadata_url, env,
+        # No triggerer: nothing here defers.
+        with AirflowStack(root / "airflow", metadata_url, env, restart_always=True,
                           components=("api-server", "scheduler", "dag-processor")) as airflow:
             airflow.wait_for_dags([DAG_ID])
             airflow.create_tuneloop_pools()
@@ -85,6 +87,7 @@ def test_generation_survives_a_postgres_restart(drill):
 
     run = airflow.wait_for_run(DAG_ID, run_id=run_id, timeout=300)
     assert run["state"] == "success"
+    print("Airflow components restarted after the outage:", airflow.restarts or "none")
 
     # The outage was hit: some task failed on it and Airflow ran it again.
     retried = [ti for ti in airflow.task_instances(DAG_ID, run_id) if ti["try_number"] > 1]
