@@ -279,12 +279,19 @@ def _simulate(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    from tasks.register import get_alias_version
+    from tasks.register import get_alias_version, get_version_info
 
     dataset = summary.get("dataset", {})
     registered = summary.get("registered", {})
     name = registered.get("model_name", get_settings().registered_model_name)
     aliases = {alias: get_alias_version(name, alias) for alias in ("champion", "challenger")}
+
+    def label(alias: str) -> str:
+        version = aliases[alias]
+        if version is None:
+            return f"{alias}=unset"
+        base = get_version_info(version, model_name=name)["is_base"]
+        return f"{alias}=v{version}" + (" (the base model, no adapter)" if base else "")
     lines = [
         "",
         "=" * 72,
@@ -295,7 +302,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"{dataset.get('data_docs')}",
         f"  MLflow             {get_settings().resolved_mlflow_tracking_uri}",
         f"  model version      {name} v{registered.get('version')}  run {registered.get('run_id')}",
-        f"  aliases            champion=v{aliases['champion']}  challenger=v{aliases['challenger']}",
+        f"  aliases            {label('challenger')}  {label('champion')}",
         f"  model card         {summary.get('evaluation', {}).get('card_path')}",
         f"  shadow report      {summary.get('report', {}).get('report_path')}",
         f"  decision           {summary.get('report', {}).get('decision')}",

@@ -55,3 +55,18 @@ def test_sigterm_unwinds_the_demo_so_its_servers_are_stopped(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert marker.read_text() == "yes"
+
+
+def test_summary_says_which_alias_is_the_base_model(monkeypatch, capsys):
+    """A fresh registry registers the base model after the first adapter (champion=v2), so the
+    summary names it instead of leaving a higher champion version unexplained."""
+    import tasks.register as register
+    from tasks.demo import _print_summary
+
+    monkeypatch.setattr(register, "get_alias_version",
+                        lambda name, alias: {"champion": "2", "challenger": "1"}[alias])
+    monkeypatch.setattr(register, "get_version_info",
+                        lambda version, model_name=None: {"is_base": version == "2"})
+    _print_summary({"total_s": 1.0, "registered": {"model_name": "m", "version": "1"}})
+    line = next(x for x in capsys.readouterr().out.splitlines() if "aliases" in x)
+    assert line.split(None, 1)[1] == "challenger=v1  champion=v2 (the base model, no adapter)"
