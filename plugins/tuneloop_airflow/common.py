@@ -40,19 +40,37 @@ SHADOW_COMPARE_CRON = os.environ.get("TUNELOOP_SHADOW_COMPARE_CRON", "").strip()
 
 PARAM_DEFAULTS_ENV = "TUNELOOP_DAG_PARAM_DEFAULTS"
 RETRY_DELAY_ENV = "TUNELOOP_RETRY_DELAY_S"
+RETRIES_ENV = "TUNELOOP_TASK_RETRIES"
+
+
+def _env_number(environ: Mapping[str, str], name: str, default: str, *, integer: bool,
+                minimum: float, what: str, example: str) -> float:
+    """`name` from `environ` (`default` when unset or blank), a finite number >= `minimum`
+    (a whole one when `integer`); otherwise a ValueError naming the variable and the fix."""
+    raw = environ.get(name, "").strip() or default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name}={raw!r} must be {what}; e.g. {example}")
+    return value
 
 
 def retry_delay(environ: Mapping[str, str] = os.environ) -> timedelta:
     """The first retry delay: `TUNELOOP_RETRY_DELAY_S` seconds, 30 when unset."""
-    raw = environ.get(RETRY_DELAY_ENV, "").strip() or "30"
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"{RETRY_DELAY_ENV}={raw!r} must be a positive number of seconds; "
-                         f"e.g. {RETRY_DELAY_ENV}=30 (production) or 2 (tests)")
+    seconds = _env_number(environ, RETRY_DELAY_ENV, "30", integer=False, minimum=1e-9,
+                          what="a positive number of seconds",
+                          example=f"{RETRY_DELAY_ENV}=30 (production) or 2 (tests)")
     return timedelta(seconds=seconds)
+
+
+def task_retries(environ: Mapping[str, str] = os.environ) -> int:
+    """Retries per task: `TUNELOOP_TASK_RETRIES`, 2 when unset. With exponential backoff from
+    `TUNELOOP_RETRY_DELAY_S`, n retries ride out an outage of about delay * (2**n - 1)."""
+    return int(_env_number(environ, RETRIES_ENV, "2", integer=True, minimum=0,
+                           what="a whole number of retries, 0 or more",
+                           example=f"{RETRIES_ENV}=4 (rides out ~7.5 min with a 30 s delay)"))
 
 
 def _param_default_overrides(environ: Mapping[str, str]) -> dict[str, dict]:
@@ -96,7 +114,7 @@ def dag_params(dag_id: str, params: dict[str, Param],
 
 DEFAULT_ARGS = {
     "owner": "tuneloop",
-    "retries": 2,
+    "retries": task_retries(),
     "retry_delay": retry_delay(),
     "retry_exponential_backoff": True,
     "on_failure_callback": on_task_failure,

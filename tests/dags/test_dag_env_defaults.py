@@ -1,5 +1,5 @@
 """Parse-time knobs: TUNELOOP_DAG_PARAM_DEFAULTS (Param defaults per DAG, what asset-scheduled
-runs use) and TUNELOOP_RETRY_DELAY_S. Unset, the production defaults stand."""
+runs use), TUNELOOP_RETRY_DELAY_S and TUNELOOP_TASK_RETRIES. Unset, the production defaults stand."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ _PARSE = (
     "print(json.dumps({{'errors': {{k: v[-400:] for k, v in b.import_errors.items()}},"
     " 'params': {{d: dict(dag.params) for d, dag in b.dags.items()}},"
     " 'retry_delay_s': sorted({{t.retry_delay.total_seconds() for dag in b.dags.values()"
-    " for t in dag.tasks}})}}))"
+    " for t in dag.tasks}}),"
+    " 'retries': sorted({{t.retries for dag in b.dags.values() for t in dag.tasks}})}}))"
 ).format(plugins=str(PLUGINS), dags=str(ROOT / "dags"))
 
 
@@ -64,12 +65,13 @@ def test_production_defaults_when_unset(dagbag):
     for dag in dagbag.dags.values():
         for t in dag.tasks:
             assert t.retry_delay == timedelta(seconds=30), f"{dag.dag_id}.{t.task_id}"
+            assert t.retries == 2, f"{dag.dag_id}.{t.task_id}"
 
 
 def test_param_defaults_env_reaches_every_dag(dagbag):
     assert set(OVERRIDES) == set(dagbag.dag_ids)
     parsed = _parse_dags(TUNELOOP_DAG_PARAM_DEFAULTS=json.dumps(OVERRIDES),
-                         TUNELOOP_RETRY_DELAY_S="2")
+                         TUNELOOP_RETRY_DELAY_S="2", TUNELOOP_TASK_RETRIES="5")
     assert parsed["errors"] == {}
     for dag_id, overrides in OVERRIDES.items():
         for name, value in overrides.items():
@@ -77,6 +79,7 @@ def test_param_defaults_env_reaches_every_dag(dagbag):
     # Params not named keep their defaults.
     assert parsed["params"]["train_and_register"]["lora_r"] == 16
     assert parsed["retry_delay_s"] == [2.0]
+    assert parsed["retries"] == [5]
 
 
 def test_unknown_or_invalid_param_default_fails_the_parse_with_the_variable_name():
@@ -125,3 +128,25 @@ def test_bad_retry_delay_env_says_the_fix(raw):
 
     with pytest.raises(ValueError, match="TUNELOOP_RETRY_DELAY_S.*e\\.g\\. TUNELOOP_RETRY"):
         retry_delay({"TUNELOOP_RETRY_DELAY_S": raw})
+
+
+@pytest.mark.parametrize(("raw", "retries"), [("", 2), ("0", 0), (" 6 ", 6)])
+def test_task_retries_env(raw, retries):
+    from tuneloop_airflow.common import task_retries
+
+    assert task_retries({"TUNELOOP_TASK_RETRIES": raw}) == retries
+
+
+@pytest.mark.parametrize("raw", ["-1", "2.5", "many"])
+def test_bad_task_retries_env_says_the_fix(raw):
+    from tuneloop_airflow.common import task_retries
+
+    with pytest.raises(ValueError, match="TUNELOOP_TASK_RETRIES.*whole number.*e\\.g\\. "
+                                         "TUNELOOP_TASK_RETRIES=4"):
+        task_retries({"TUNELOOP_TASK_RETRIES": raw})
+
+
+def test_bad_task_retries_env_fails_the_parse_with_the_variable_name():
+    parsed = _parse_dags(TUNELOOP_TASK_RETRIES="lots")
+    assert parsed["errors"], "a bad TUNELOOP_TASK_RETRIES must not parse silently"
+    assert all("TUNELOOP_TASK_RETRIES" in err for err in parsed["errors"].values())
