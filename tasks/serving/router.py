@@ -1210,8 +1210,9 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, Any]:
-        state = router.resolver.state
-        return {"status": "ok", "mode": state.mode, "deployment_id": state.deployment_id}
+        # Liveness only: it needs no key, so it names no deployment (GET /v1/router/state does,
+        # behind the key).
+        return {"status": "ok"}
 
     @api.get("/models", response_model=ModelList, responses={401: _ERRORS[401]},
              tags=["openai"])

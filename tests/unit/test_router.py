@@ -407,6 +407,21 @@ def test_every_v1_route_needs_the_api_key(serve, headers):
             "interaction_id": "abc", "reaction": "done", "dwell_ms": 1}).status_code == 401
 
 
+def test_health_needs_no_key_and_names_no_deployment(serve, router_engine, model_name):
+    server, client = serve()
+    deploy_challenger("2", champion_version="1", mode="canary", share=0.5,
+                      model_name=model_name, engine=router_engine)
+    root = server.base_url.removesuffix("/v1")
+    deadline = time.monotonic() + 5
+    while (client.get("/router/state").json()["routing"]["mode"] != "canary"
+           and time.monotonic() < deadline):
+        time.sleep(0.1)
+    assert client.get("/router/state").json()["routing"]["mode"] == "canary"
+    response = httpx.get(f"{root}/health", timeout=5)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
 def test_models_lists_the_public_model(serve):
     _, client = serve()
     assert [m["id"] for m in client.get("/models").json()["data"]] == ["tuneloop"]
