@@ -6,9 +6,10 @@ one pooled client: aiohttp when installed — about a fifth of httpx's CPU per r
 `httpx.AsyncClient`) and the reactions API (`tasks.serving.reactions`). Which model answers:
 
 - versions come from the MLflow registry aliases `champion`/`challenger` of
-  `registered_model_name` (refreshed every `alias_ttl_s`), unless the active deployment pins a
-  version; the active row in `deployments` (mode, share) is re-read every `deployment_ttl_s`, so
-  a new deployment takes effect without a restart. Refreshes run in the background, never on the
+  `registered_model_name` (refreshed every `alias_ttl_s`, and at once when the active deployment
+  changes), unless the active deployment pins a version; the active row in `deployments` (mode,
+  share) is re-read every `deployment_ttl_s`, so a new deployment — or a promotion, which ends
+  it — takes effect within seconds and without a restart. Refreshes run in the background, never on the
   request path.
 - modes: `canary` — users whose bucket (HMAC of the user id, mapped into [0, 1)) is below `share`
   are served by the challenger, sticky per user and monotone in `share` (ramping 5% → 10% keeps
@@ -401,10 +402,16 @@ class StateResolver:
             if deployment and deployment[key]:
                 self._lookup_is_base(str(deployment[key]))
         with self._lock:
-            if deployment != self._deployment:
+            changed = deployment != self._deployment
+            if changed:
                 log.info("router: active deployment now %s", deployment)
             self._deployment = deployment
             self.state = self._compute()
+        if changed:
+            # A deployment starting or ending is when the aliases move (registration sets
+            # challenger; applying a decision moves champion, then ends the deployment): read
+            # them now rather than up to alias_ttl_s later.
+            self.refresh_aliases()
 
     def _compute(self) -> RoutingState:
         deployment = self._deployment

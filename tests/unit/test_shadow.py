@@ -19,7 +19,13 @@ from tasks.db.engine import session_scope, upsert
 from tasks.db.models import ComparisonReport, Deployment, Interaction, Reaction
 from tasks.ids import stable_id
 from tasks.llm import LLMClient
-from tasks.serving.router import BackendConfig, RouterConfig, RouterServer, create_router_app
+from tasks.serving.router import (
+    BackendConfig,
+    RouterConfig,
+    RouterServer,
+    StateResolver,
+    create_router_app,
+)
 from tasks.settings import Endpoint
 from tasks.shadow import (
     ShadowError,
@@ -459,6 +465,28 @@ def test_promote_moves_champion_and_removes_challenger(shadow_engine, model_name
     assert apply_decision(report, enabled=True, tracking_uri=tracking_uri,
                           engine=shadow_engine)["champion_version"] == "2"
     assert aliases(registry, model_name) == {"champion": "2"}
+
+
+def test_the_router_serves_a_promotion_when_the_deployment_ends_not_an_alias_ttl_later(
+        shadow_engine, model_name, registry, tracking_uri, tmp_path):
+    backend = BackendConfig(base_url="http://127.0.0.1:9/v1", base_model="base")
+    resolver = StateResolver(RouterConfig(
+        backends={"champion": backend, "challenger": backend}, registered_model_name=model_name,
+        api_keys=["k"], user_hash_salt="s", tracking_uri=tracking_uri, alias_ttl_s=3600),
+        shadow_engine)
+    deployment_id = canary_deployment(shadow_engine, model_name)
+    resolver.refresh_aliases()
+    resolver.refresh_deployment()
+    assert resolver.state.deployment_id == deployment_id
+    assert dict(resolver.state.versions) == {"champion": "1", "challenger": "2"}
+    seed_promotable(shadow_engine, deployment_id)
+    report = compare_and_report(deployment_id, min_samples=100, judge=False, out_dir=tmp_path,
+                                tracking_uri=tracking_uri, engine=shadow_engine)
+    apply_decision(report, enabled=True, tracking_uri=tracking_uri, engine=shadow_engine)
+    # Only the deployment poll runs (every deployment_ttl_s); the alias poll is an hour away.
+    resolver.refresh_deployment()
+    assert resolver.state.deployment_id is None and resolver.state.mode == "off"
+    assert dict(resolver.state.versions) == {"champion": "2", "challenger": None}
 
 
 def test_rollback_removes_challenger_and_keeps_champion(shadow_engine, model_name, registry,
