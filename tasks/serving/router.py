@@ -9,8 +9,8 @@ one pooled client: aiohttp when installed — about a fifth of httpx's CPU per r
   `registered_model_name` (refreshed every `alias_ttl_s`, and at once when the active deployment
   changes), unless the active deployment pins a version; the active row in `deployments` (mode,
   share) is re-read every `deployment_ttl_s`, so a new deployment — or a promotion, which ends
-  it — takes effect within seconds and without a restart. Refreshes run in the background, never on the
-  request path.
+  it — takes effect within seconds and without a restart. Refreshes run in the background, never
+  on the request path.
 - modes: `canary` — users whose bucket (HMAC of the user id, mapped into [0, 1)) is below `share`
   are served by the challenger, sticky per user and monotone in `share` (ramping 5% → 10% keeps
   the first 5%); `mirror` — the champion answers and the challenger gets a background copy whose
@@ -375,7 +375,8 @@ class StateResolver:
             self.state = self._compute()
 
     # -- deployments --
-    def refresh_deployment(self) -> None:
+    def refresh_deployment(self) -> bool:
+        """Re-read the active deployment; True when it changed (the aliases were re-read too)."""
         from sqlalchemy import select
 
         from tasks.db.engine import session_scope
@@ -397,7 +398,7 @@ class StateResolver:
                 }
         except Exception as exc:  # noqa: BLE001 - keep serving the last known deployment
             log.warning("router: deployment refresh failed, keeping the last one: %s", exc)
-            return
+            return False
         for key in ("champion_version", "challenger_version"):
             if deployment and deployment[key]:
                 self._lookup_is_base(str(deployment[key]))
@@ -412,6 +413,7 @@ class StateResolver:
             # challenger; applying a decision moves champion, then ends the deployment): read
             # them now rather than up to alias_ttl_s later.
             self.refresh_aliases()
+        return changed
 
     def _compute(self) -> RoutingState:
         deployment = self._deployment
@@ -966,8 +968,8 @@ class Router:
     async def start(self) -> None:
         self.upstream = make_upstream(self.config.http_backend, self.config.max_connections)
         self.log.start()
-        await asyncio.to_thread(self.resolver.refresh_deployment)
-        await asyncio.to_thread(self.resolver.refresh_aliases)
+        if not await asyncio.to_thread(self.resolver.refresh_deployment):
+            await asyncio.to_thread(self.resolver.refresh_aliases)  # else it just read them
         self._spawn(self._refresh_loop(self.config.deployment_ttl_s,
                                        self.resolver.refresh_deployment))
         if self.config.use_registry:

@@ -1,5 +1,6 @@
 """Parse-time knobs: TUNELOOP_DAG_PARAM_DEFAULTS (Param defaults per DAG, what asset-scheduled
-runs use), TUNELOOP_RETRY_DELAY_S and TUNELOOP_TASK_RETRIES. Unset, the production defaults stand."""
+runs use), TUNELOOP_RETRY_DELAY_S and TUNELOOP_TASK_RETRIES. Unset, the production defaults
+stand."""
 
 from __future__ import annotations
 

@@ -475,8 +475,7 @@ def test_the_router_serves_a_promotion_when_the_deployment_ends_not_an_alias_ttl
         api_keys=["k"], user_hash_salt="s", tracking_uri=tracking_uri, alias_ttl_s=3600),
         shadow_engine)
     deployment_id = canary_deployment(shadow_engine, model_name)
-    resolver.refresh_aliases()
-    resolver.refresh_deployment()
+    assert resolver.refresh_deployment() is True  # as at start-up: a change reads the aliases
     assert resolver.state.deployment_id == deployment_id
     assert dict(resolver.state.versions) == {"champion": "1", "challenger": "2"}
     seed_promotable(shadow_engine, deployment_id)
@@ -484,9 +483,10 @@ def test_the_router_serves_a_promotion_when_the_deployment_ends_not_an_alias_ttl
                                 tracking_uri=tracking_uri, engine=shadow_engine)
     apply_decision(report, enabled=True, tracking_uri=tracking_uri, engine=shadow_engine)
     # Only the deployment poll runs (every deployment_ttl_s); the alias poll is an hour away.
-    resolver.refresh_deployment()
+    assert resolver.refresh_deployment() is True
     assert resolver.state.deployment_id is None and resolver.state.mode == "off"
     assert dict(resolver.state.versions) == {"champion": "2", "challenger": None}
+    assert resolver.refresh_deployment() is False  # nothing changed: no registry read
 
 
 def test_rollback_removes_challenger_and_keeps_champion(shadow_engine, model_name, registry,
