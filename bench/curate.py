@@ -2,7 +2,7 @@
 
 Builds 100k synthetic candidate rows in memory (three-turn conversations, tags, rubric outcomes,
 384-d embeddings with planted near duplicates, planted PII, ~15% edge cases), then runs the real
-curation pipeline (`tasks.curate.curate_rows`): length measurement with the SmolLM2 tokenizer,
+curation pipeline (`tasks.curate.stage.curate_rows`): length measurement with the SmolLM2 tokenizer,
 row filters, LSH near-duplicate pruning, de-identification, the Great Expectations gate with Data
 Docs, the snapshot files (3 formats × train/validation × training/provenance, stats PNG+JSON)
 and the datasets / dataset_items / dataset_exclusions rows in a throwaway Postgres database.
@@ -43,7 +43,7 @@ TOPICS = ["work_career", "study_learning", "relationships", "health_wellbeing", 
 
 
 def build_rows(n: int, seed: int = 7):
-    from tasks.curate import CandidateRow
+    from tasks.curate.stage import CandidateRow
 
     rng = np.random.default_rng(seed)
     vectors = rng.standard_normal((n, 384)).astype(np.float32)
@@ -94,7 +94,7 @@ def build_rows(n: int, seed: int = 7):
 def make_database() -> tuple[object, str, str]:
     from sqlalchemy import create_engine, text
 
-    from tasks.db.engine import migrate
+    from tasks.core.db.engine import migrate
 
     admin = os.environ.get("TUNELOOP_TEST_ADMIN_URL",
                            "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -123,8 +123,8 @@ def insert_conversations(engine, rows) -> None:
     """The conversations the dataset_items lineage points at (setup, not timed)."""
     from sqlalchemy import insert
 
-    from tasks.db.engine import session_scope
-    from tasks.db.models import Conversation, GenerationBatch
+    from tasks.core.db.engine import session_scope
+    from tasks.core.db.models import Conversation, GenerationBatch
 
     with session_scope(engine) as s:
         s.execute(insert(GenerationBatch), [{"id": "bench", "seed": 7, "params": {},
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--no-db", action="store_true", help="skip the Postgres lineage writes")
     args = parser.parse_args()
 
-    from tasks.curate import CurationConfig, TokenCounter, curate_rows
+    from tasks.curate.stage import CurationConfig, TokenCounter, curate_rows
 
     t = time.perf_counter()
     rows = build_rows(args.rows)

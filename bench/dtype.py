@@ -46,7 +46,7 @@ PROMPTS = [
 def serve_tokens_per_s(chat_model, tokens: int, concurrency: int) -> float:
     import queue
 
-    from tasks.serving.generation import GenerationParams
+    from serving.generation import GenerationParams
 
     params = GenerationParams(temperature=0, max_tokens=tokens)
     prepared = [chat_model.prepare(chat_model.model_name,
@@ -78,7 +78,7 @@ def lora_step_seconds(dtype, batch: int, length: int, steps: int) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tasks.models import smollm2_path
+    from tasks.core.weights import smollm2_path
 
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_path()), dtype=dtype)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
@@ -109,8 +109,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=3)
     args = parser.parse_args()
 
-    from tasks.models import SMOLLM2_NAME, cpu_has_native_bf16, smollm2_path
-    from tasks.serving.generation import ChatModel
+    from serving.generation import ChatModel
+    from tasks.core.weights import SMOLLM2_NAME, cpu_has_native_bf16, smollm2_path
 
     print(f"cpu_native_bf16={cpu_has_native_bf16()} cpus={os.cpu_count()} "
           f"loadavg={os.getloadavg()[0]:.1f}")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tasks.evaluate import (  # noqa: E402
+from tasks.evaluate.stage import (  # noqa: E402
     LlmEvalJudge,
     _judge_all,
     generate_replies,
@@ -37,8 +37,8 @@ def bench_generation(model_name: str, max_new_tokens: int, batch_size: int,
                      limit: int | None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.models import CHATML_TEMPLATE
-    from tasks.register import resolve_base_path
+    from tasks.core.weights import CHATML_TEMPLATE
+    from tasks.register.registry import resolve_base_path
 
     path = resolve_base_path(model_name)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -77,9 +77,9 @@ async def _sequential(judge: LlmEvalJudge, rubric, scenarios, base, tuned):
 
 
 def bench_judging(latency_s: float) -> None:
-    from tasks.judge import load_rubric
-    from tasks.llm.client import LLMClient, run_sync
-    from tasks.settings import Endpoint
+    from tasks.core.llm.client import LLMClient, run_sync
+    from tasks.core.settings import Endpoint
+    from tasks.judge.stage import load_rubric
     from tests.fakes.fake_openai import FakeOpenAIServer
 
     rubric = load_rubric()

@@ -89,8 +89,8 @@ def bench_generation(args: argparse.Namespace) -> str:
     if summary["failed"]:
         from sqlalchemy import select
 
-        from tasks.db.engine import get_engine, session_scope
-        from tasks.db.models import Conversation
+        from tasks.core.db.engine import get_engine, session_scope
+        from tasks.core.db.models import Conversation
 
         with session_scope(get_engine()) as session:
             reasons = session.scalars(select(Conversation.failure_reason).where(
@@ -101,9 +101,9 @@ def bench_generation(args: argparse.Namespace) -> str:
 
 
 def bench_dedup(batch_id: str, n: int, rounds: int) -> None:
-    from tasks.db.engine import get_engine, session_scope
-    from tasks.db.models import Conversation, GenerationBatch
-    from tasks.embeddings import embed, get_embedder
+    from tasks.core.db.engine import get_engine, session_scope
+    from tasks.core.db.models import Conversation, GenerationBatch
+    from tasks.core.embeddings import embed, get_embedder
     from tasks.generate import GenerationConfig, dedup_range
     from tasks.generate.conversation import BatchPlan
     from tasks.generate.dedup import conversation_text, opening_text
@@ -197,15 +197,15 @@ def main() -> None:
         name, url = _create_database()
         os.environ["DATABASE_URL"] = url
         try:
-            from tasks.db.engine import get_engine, migrate
-            from tasks.settings import get_settings
+            from tasks.core.db.engine import get_engine, migrate
+            from tasks.core.settings import get_settings
 
             get_settings.cache_clear()
             migrate(get_engine())
             batch_id = bench_generation(args)
             bench_dedup(batch_id, args.dedup_n, args.rounds)
         finally:
-            from tasks.db.engine import get_engine
+            from tasks.core.db.engine import get_engine
 
             get_engine().dispose()
             _drop_database(name)

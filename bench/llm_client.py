@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tasks.llm import LLMClient, PostgresResponseCache  # noqa: E402
-from tasks.settings import Endpoint  # noqa: E402
+from tasks.core.llm import LLMClient, PostgresResponseCache  # noqa: E402
+from tasks.core.settings import Endpoint  # noqa: E402
 from tests.fakes.fake_openai import FakeOpenAIServer  # noqa: E402
 
 MODEL = "fake-model"
@@ -81,7 +81,7 @@ def _throwaway_database():
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    from tasks.db.engine import migrate
+    from tasks.core.db.engine import migrate
 
     admin_url = os.environ.get("TUNELOOP_TEST_ADMIN_URL",
                                "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -74,9 +74,9 @@ def main() -> None:
     import torch
     from openai import OpenAI
 
-    from tasks.models import SMOLLM2_NAME, smollm2_path
-    from tasks.serving.generation import ChatModel, GenerationParams
-    from tasks.serving.model_server import running_model_server
+    from serving.generation import ChatModel, GenerationParams
+    from serving.model_server import running_model_server
+    from tasks.core.weights import SMOLLM2_NAME, smollm2_path
 
     chat_model = ChatModel(smollm2_path(), model_name=SMOLLM2_NAME, num_threads=args.threads)
     params = GenerationParams(temperature=0, max_tokens=args.tokens)

@@ -1,7 +1,7 @@
 """Benchmark: latency the router adds over calling the backend directly, and interaction-log rate.
 
 Three processes: the fake OpenAI backend (subprocess, uvloop, fixed small latency), the router
-(`python -m tasks.serving.router`, its own process, backed by a throwaway PostgreSQL database for
+(`python -m serving.router`, its own process, backed by a throwaway PostgreSQL database for
 the interaction log) and this process, an open-loop load generator: request i is sent at
 t0 + i / rate whatever happened to earlier ones. Phases alternate direct → router → direct → …
 so drifting load on a shared machine hits both sides alike; each request is a non-streaming chat
@@ -44,8 +44,8 @@ try:
 except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
     uvloop = None
 
-from tasks.serving.router import InteractionLog, interaction_row  # noqa: E402
-from tasks.settings import DEFAULT_LOCAL_MODEL  # noqa: E402
+from serving.router import InteractionLog, interaction_row  # noqa: E402
+from tasks.core.settings import DEFAULT_LOCAL_MODEL  # noqa: E402
 from tests.fakes.fake_openai import FakeOpenAIServer  # noqa: E402
 
 API_KEY = "bench-router-key"
@@ -57,7 +57,7 @@ def throwaway_database() -> tuple[str, object]:
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    from tasks.db.engine import _engine_for, migrate
+    from tasks.core.db.engine import _engine_for, migrate
 
     name = f"tuneloop_bench_router_{uuid.uuid4().hex[:8]}"
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
@@ -90,7 +90,7 @@ def start_router(backend_url: str, database_url: str,
            "TUNELOOP_LLM_MODEL": DEFAULT_LOCAL_MODEL}
     log_file = tempfile.NamedTemporaryFile("w+", prefix="bench-router-", suffix=".log")
     process = subprocess.Popen(
-        [sys.executable, "-m", "tasks.serving.router", "--port", str(port), "--no-registry",
+        [sys.executable, "-m", "serving.router", "--port", str(port), "--no-registry",
          *extra_args],
         cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     process.log_file = log_file  # type: ignore[attr-defined]  # closed (deleted) with the bench
@@ -198,7 +198,7 @@ async def load(backend_url: str, router_url: str, rate: float, seconds: float,
 
 
 def log_throughput(database_url: str, rows: int, single_rows: int) -> tuple[float, float]:
-    from tasks.db.engine import _engine_for
+    from tasks.core.db.engine import _engine_for
 
     engine = _engine_for(database_url)
     messages = [{"role": "system", "content": "You give short, kind, practical tips. " * 3},

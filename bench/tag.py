@@ -102,7 +102,7 @@ async def bare_ceiling(base_url: str, n: int, concurrency: int) -> float:
     """Seconds for n plain AsyncOpenAI calls with `concurrency` in flight (tagger prompts)."""
     import openai
 
-    from tasks.tagging.taggers import ConversationInput, get_tagger
+    from tasks.tag.taggers import ConversationInput, get_tagger
 
     tagger = get_tagger("emotion", "llm", "fake-model")
     conv = ConversationInput("bare", [{"role": "user", "content": _OPENERS[0]}])
@@ -127,13 +127,13 @@ def throughput(args: argparse.Namespace) -> None:
     name, url = create_database()
     os.environ["DATABASE_URL"] = url
     os.environ.setdefault("TUNELOOP_DATA_DIR", str(Path("/tmp") / f"tuneloop-bench-{name}"))
-    from tasks.settings import get_settings
+    from tasks.core.settings import get_settings
 
     get_settings.cache_clear()
-    from tasks.db.engine import get_engine, migrate, session_scope, upsert
-    from tasks.db.models import Conversation, GenerationBatch, TagResult
-    from tasks.llm.client import run_sync
-    from tasks.tag import TaggingConfig, _run, plan_tagging
+    from tasks.core.db.engine import get_engine, migrate, session_scope, upsert
+    from tasks.core.db.models import Conversation, GenerationBatch, TagResult
+    from tasks.core.llm.client import run_sync
+    from tasks.tag.stage import TaggingConfig, _run, plan_tagging
 
     try:
         migrate(get_engine())
@@ -176,7 +176,7 @@ def throughput(args: argparse.Namespace) -> None:
         if counts["failed"] or stored != requests:
             print(f"WARNING: failed={counts['failed']} stored={stored}")
     finally:
-        from tasks.db.engine import _engine_for
+        from tasks.core.db.engine import _engine_for
 
         _engine_for(url).dispose()
         drop_database(name)
@@ -185,7 +185,7 @@ def throughput(args: argparse.Namespace) -> None:
 def _tokenizer():
     from transformers import AutoTokenizer
 
-    from tasks.models import SMOLLM2_NAME, smollm2_gguf
+    from tasks.core.weights import SMOLLM2_NAME, smollm2_gguf
 
     cache = Path(os.environ.get("TUNELOOP_MODEL_CACHE",
                                 Path.home() / ".cache" / "tuneloop-models")) / SMOLLM2_NAME
@@ -196,9 +196,9 @@ def _tokenizer():
 
 
 def tokens(args: argparse.Namespace) -> None:
-    from tasks.judge import combined_messages as judge_combined
-    from tasks.judge import criterion_messages, load_rubric
-    from tasks.tagging.taggers import ConversationInput, combined_messages, get_tagger
+    from tasks.judge.stage import combined_messages as judge_combined
+    from tasks.judge.stage import criterion_messages, load_rubric
+    from tasks.tag.taggers import ConversationInput, combined_messages, get_tagger
     from tests.fakes.tag_responders import tagging_responder
 
     tokenizer = _tokenizer()

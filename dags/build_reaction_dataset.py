@@ -10,7 +10,7 @@ DPO pairs. Everything exported is de-identified (salted user hashes, PII scrubbe
   the counts, and downstream training is skipped.
 * Emits `tuneloop://datasets/curated` (extra: dataset_id) when a dataset was built and gated.
 
-Logic: `tasks/signals.py`, `tasks/deid.py`.
+Logic: `tasks/signals/stage.py`, `tasks/datasets/deid.py`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ BUILT_TASK_ID = "enough_signals"
 def build_reaction_dataset():
     @task
     def build(params: dict | None = None) -> dict:
-        from tasks.signals import SignalConfig, build_reaction_dataset_or_skip
+        from tasks.signals.stage import SignalConfig, build_reaction_dataset_or_skip
 
         return build_reaction_dataset_or_skip(SignalConfig.from_params(params))
 

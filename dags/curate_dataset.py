@@ -11,7 +11,7 @@ ShareGPT/chat_template and Alpaca JSONL, with provenance variants, stats and Dat
   the failed expectations are named in the log and stored on the dataset row.
 * Emits `tuneloop://datasets/curated` (extra: dataset_id), which schedules **train_and_register**.
 
-Logic: `tasks/curate.py`, `tasks/gate.py`, `tasks/export.py`.
+Logic: `tasks/curate/stage.py`, `tasks/datasets/gate.py`, `tasks/datasets/export.py`.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ GATE_TASK_ID = "gate_passed"
 def curate_dataset():
     @task
     def curate(params: dict | None = None) -> dict:
-        from tasks.curate import CurationConfig
-        from tasks.curate import curate as run
+        from tasks.curate.stage import CurationConfig
+        from tasks.curate.stage import curate as run
 
         return run(CurationConfig.from_params(params))
 

@@ -53,7 +53,7 @@ PLAN_TASK_ID = "plan_batch"
 def generate_conversations():
     @task
     def migrate_schema() -> None:
-        from tasks.db import migrate
+        from tasks.core.db import migrate
 
         migrate()
 

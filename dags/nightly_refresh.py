@@ -8,7 +8,7 @@ otherwise it skips with one clear log line saying which threshold was not met an
 It always refreshes the shadow comparison so the report reflects the latest reactions.
 
 Retraining is data-aware: publishing the new dataset asset schedules **train_and_register**.
-Logic: `tasks/signals.py`, `tasks/shadow.py`.
+Logic: `tasks/signals/stage.py`, `tasks/shadow/stage.py`.
 """
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ DECIDE_TASK_ID = "enough_new_signals"
 def nightly_refresh():
     @task(pool=LLM_POOL)
     def refresh_comparison() -> dict:
-        from tasks.shadow import compare_and_report
+        from tasks.shadow.stage import compare_and_report
 
         return compare_and_report(deployment_id=None)
 
     @task
     def count_signals(params: dict | None = None) -> dict:
-        from tasks.signals import nightly_decision
+        from tasks.signals.stage import nightly_decision
 
         return nightly_decision(min_new_positive=params["min_new_positive"],
                                 min_new_negative=params["min_new_negative"])
@@ -68,7 +68,7 @@ def nightly_refresh():
 
     @task
     def build(params: dict | None = None) -> dict:
-        from tasks.signals import build_reaction_dataset_or_skip, nightly_signal_config
+        from tasks.signals.stage import build_reaction_dataset_or_skip, nightly_signal_config
 
         return build_reaction_dataset_or_skip(nightly_signal_config(
             params["min_new_positive"], params["min_new_negative"]))

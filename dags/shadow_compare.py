@@ -9,7 +9,7 @@ mirrored answers (both orders). The decision rule says **promote**, **keep_colle
 
 The HTML report (+ PNG charts) is logged to MLflow and its path is printed in the task log.
 Scheduled hourly (TUNELOOP_SHADOW_COMPARE_CRON) and after each new challenger; triggerable.
-Logic: `tasks/shadow.py`, `tasks/stats.py`.
+Logic: `tasks/shadow/stage.py`, `tasks/shadow/stats.py`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ DAG_ID = "shadow_compare"
 def shadow_compare():
     @task(pool=LLM_POOL)
     def compare(params: dict | None = None) -> dict:
-        from tasks.shadow import compare_and_report
+        from tasks.shadow.stage import compare_and_report
 
         report = compare_and_report(
             deployment_id=params["deployment_id"] or None, min_samples=params["min_samples"],
@@ -64,7 +64,7 @@ def shadow_compare():
 
     @task
     def decide(report: dict, params: dict | None = None) -> dict:
-        from tasks.shadow import apply_decision
+        from tasks.shadow.stage import apply_decision
 
         return apply_decision(report, enabled=params["apply_decision"])
 

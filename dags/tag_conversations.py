@@ -10,7 +10,7 @@ current tagger/rubric version, so reruns and template changes re-tag only what i
 * Failed attempts are recorded in `tag_failures` with the raw output; nothing crashes a batch.
 * Emits `tuneloop://postgres/tag_results`, which schedules **curate_dataset**.
 
-Logic: `tasks/tag.py`, `tasks/judge.py` · prompts: `include/prompts/taggers/`,
+Logic: `tasks/tag/stage.py`, `tasks/judge/stage.py` · prompts: `include/prompts/taggers/`,
 `include/prompts/judge/` · rubric: `include/rubrics/rubric.yaml`.
 """
 
@@ -58,26 +58,26 @@ DAG_ID = "tag_conversations"
 def tag_conversations():
     @task(multiple_outputs=False)
     def plan(params: dict | None = None) -> list[dict]:
-        from tasks.tag import plan_tagging
+        from tasks.tag.stage import plan_tagging
 
         return plan_tagging(_config(params))
 
     @task(pool=LLM_POOL)
     def tag_shard(shard: dict, params: dict | None = None) -> dict:
-        from tasks.tag import tag_shard as run
+        from tasks.tag.stage import tag_shard as run
 
         return run(shard, _config(params))
 
     @task(pool=LLM_POOL)
     def judge_shard(shard: dict, params: dict | None = None) -> dict:
-        from tasks.judge import judge_shard as run
+        from tasks.judge.stage import judge_shard as run
 
         return run(shard, _config(params))
 
     @task(outlets=[TAGS_ASSET])
     def stats(tagged: list[dict], judged: list[dict], params: dict | None = None) -> dict:
-        from tasks.settings import get_settings
-        from tasks.tag import tagging_stats
+        from tasks.core.settings import get_settings
+        from tasks.tag.stage import tagging_stats
 
         out_dir = get_settings().data_dir / "reports" / "tagging"
         return tagging_stats(_config(params), out_dir)
@@ -87,7 +87,7 @@ def tag_conversations():
 
 
 def _config(params: dict):
-    from tasks.tag import TaggingConfig
+    from tasks.tag.stage import TaggingConfig
 
     return TaggingConfig.from_params(params)
 

@@ -12,8 +12,8 @@
    deployment so the router starts sending the challenger its share of traffic.
 
 Scheduled by `tuneloop://datasets/curated`; emits `tuneloop://mlflow/challenger`.
-Logic: `tasks/training_flow.py` → `tasks/train/`, `tasks/register.py`, `tasks/evaluate.py`,
-`tasks/shadow.py`.
+Logic: `tasks/train/stage.py` → `tasks/train/`, `tasks/register/registry.py`, `tasks/evaluate/stage.py`,
+`tasks/shadow/stage.py`.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ BACKEND_TASK_IDS = {"local": LOCAL_TASK_ID, "docker": DOCKER_TASK_ID,
 def train_and_register():
     @task
     def prepare(params: dict | None = None, triggering_asset_events=None) -> dict:
-        from tasks.training_flow import prepare_training, resolve_dataset
+        from tasks.train.stage import prepare_training, resolve_dataset
 
         dataset_id = params["dataset_id"] or _asset_dataset_id(triggering_asset_events)
         return prepare_training(resolve_dataset(dataset_id or None), params)
@@ -79,19 +79,19 @@ def train_and_register():
 
     @task(task_id=LOCAL_TASK_ID, pool=GPU_POOL)
     def train_local(prepared: dict) -> dict:
-        from tasks.training_flow import run_local_training
+        from tasks.train.stage import run_local_training
 
         return run_local_training(prepared)
 
     @task(trigger_rule="none_failed_min_one_success")
     def register(prepared: dict) -> dict:
-        from tasks.training_flow import register_training
+        from tasks.train.stage import register_training
 
         return register_training(prepared)
 
     @task(pool=LLM_POOL)
     def evaluate(registered: dict, params: dict | None = None) -> dict:
-        from tasks.training_flow import evaluate_registered
+        from tasks.train.stage import evaluate_registered
 
         if not params["evaluate"]:
             return {"skipped": True}
@@ -100,7 +100,7 @@ def train_and_register():
     @task(outlets=[MODEL_ASSET])
     def shadow_deploy(registered: dict, evaluation: dict, params: dict | None = None,
                       outlet_events=None) -> dict:
-        from tasks.training_flow import deploy_shadow
+        from tasks.train.stage import deploy_shadow
 
         deployment = deploy_shadow(registered, mode=params["shadow_mode"],
                                    share=params["shadow_share"])

@@ -11,3 +11,9 @@ __version__ = "0.1.0"
 # torch loads, so it is set here, before any module of this package imports torch (all do so
 # lazily). An explicit OMP_WAIT_POLICY in the environment wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# Weights come from pip-installed packages (or a local folder), never from the Hugging Face Hub
+# unless asked: set once here, before any module of this package (or serving/, which imports
+# tasks.core) loads huggingface_hub, which reads it at import. HF_HUB_OFFLINE=0 in the
+# environment wins.
+_os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 
 def _migrate(_: argparse.Namespace) -> int:
-    from tasks.db.engine import get_engine, migrate
+    from tasks.core.db.engine import get_engine, migrate
 
     engine = get_engine()
     migrate(engine)
@@ -29,13 +29,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve_model(args: argparse.Namespace) -> int:
-    from tasks.serving.model_server import main as serve
+    from serving.model_server import main as serve
 
     return serve(["--host", args.host, "--port", str(args.port)]) or 0
 
 
 def _serve_router(args: argparse.Namespace) -> int:
-    from tasks.serving.router import main as serve
+    from serving.router import main as serve
 
     return serve(["--host", args.host, "--port", str(args.port)]) or 0
 
@@ -47,13 +47,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _adapters(_: argparse.Namespace) -> int:
-    from tasks.registry_view import main as view
+    from tasks.register.view import main as view
 
     return view([]) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tasks.settings import DEFAULT_MODEL_SERVER_PORT, DEFAULT_ROUTER_PORT
+    from tasks.core.settings import DEFAULT_MODEL_SERVER_PORT, DEFAULT_ROUTER_PORT
 
     parser = argparse.ArgumentParser(prog="tuneloop", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # one INFO line per HTTP request / migration step drowns the progress
         for noisy in ("httpx", "httpx2", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    from tasks.settings import SettingsError
+    from tasks.core.settings import SettingsError
 
     try:
         return int(args.fn(args) or 0)

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from tasks.settings import get_settings
+from tasks.core.settings import get_settings
 
 
 class DemoFailed(RuntimeError):
@@ -70,7 +70,7 @@ def _model_server_process(max_batch_size: int = 16, startup_timeout_s: float = 6
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.serving.model_server", "--host",
+    proc = subprocess.Popen([sys.executable, "-m", "serving.model_server", "--host",
                              "127.0.0.1", "--port", str(port), "--max-batch-size",
                              str(max_batch_size), "--log-level", "warning"])
     base_url = f"http://127.0.0.1:{port}/v1"
@@ -79,7 +79,7 @@ def _model_server_process(max_batch_size: int = 16, startup_timeout_s: float = 6
         while True:
             if proc.poll() is not None:
                 raise DemoFailed(f"the model server exited with code {proc.returncode}; "
-                                 "run `python -m tasks.serving.model_server` to see why")
+                                 "run `python -m serving.model_server` to see why")
             try:
                 urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=2)
                 break
@@ -116,11 +116,10 @@ def _exit_cleanly_on_sigterm() -> None:
 def run_demo(cfg: DemoConfig | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from tasks.db.engine import get_engine, migrate
+    from tasks.core.db.engine import get_engine, migrate
 
     cfg = cfg or DemoConfig()
     _exit_cleanly_on_sigterm()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -164,7 +163,7 @@ def demo_tagging_config(cfg: DemoConfig, batch_id: str) -> Any:
     """Tagging for the demo: emotion/topic/temporal on MiniLM, belief/hallucination heuristic,
     every tagger on every conversation; the rubric judge (a ~2.7k-token prompt each, combined
     mode, one attempt) grades a stable audit sample, which is what 2 CPU cores allow."""
-    from tasks.tag import TaggingConfig
+    from tasks.tag.stage import TaggingConfig
 
     base = TaggingConfig.from_params({"classifier_backend": "embedding", "retries": 2,
                                       "judges": ["judge"], "batch_id": batch_id})
@@ -177,11 +176,11 @@ def demo_tagging_config(cfg: DemoConfig, batch_id: str) -> Any:
 
 
 def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
-    from tasks.curate import CurationConfig, curate
+    from tasks.curate.stage import CurationConfig, curate
     from tasks.generate import run_generation
-    from tasks.shadow import compare_and_report
-    from tasks.tag import run_tagging
-    from tasks.training_flow import (
+    from tasks.shadow.stage import compare_and_report
+    from tasks.tag.stage import run_tagging
+    from tasks.train.stage import (
         deploy_shadow,
         evaluate_registered,
         prepare_training,
@@ -242,7 +241,7 @@ def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
 
     if cfg.evaluate:
         with _step("evaluate base vs tuned (model card)", timings):
-            from tasks.evaluate import LlmEvalJudge
+            from tasks.evaluate.stage import LlmEvalJudge
 
             judge = LlmEvalJudge.for_role("judge", retries=1, max_tokens=256)
             out["evaluation"] = evaluate_registered(registered, max_new_tokens=48,
@@ -262,8 +261,8 @@ def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
 
 
 def _simulate(cfg: DemoConfig) -> dict[str, Any]:
-    from tasks.serving.router import RouterConfig, running_router
-    from tasks.simulate import simulate_traffic
+    from serving.router import RouterConfig, running_router
+    from tasks.shadow.simulate import simulate_traffic
 
     settings = get_settings()
     router_cfg = RouterConfig.from_settings(settings, deployment_ttl_s=0.5, alias_ttl_s=1.0)
@@ -279,7 +278,7 @@ def _simulate(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    from tasks.register import get_alias_version, get_version_info
+    from tasks.register.registry import get_alias_version, get_version_info
 
     dataset = summary.get("dataset", {})
     registered = summary.get("registered", {})

@@ -108,8 +108,8 @@ def make_database(pg_admin_url: str) -> Iterator:
 @pytest.fixture(scope="session")
 def database_url(make_database) -> Iterator[str]:
     """A migrated throwaway database shared by the session; DATABASE_URL points at it."""
-    from tasks.db.engine import _engine_for, migrate
-    from tasks.settings import get_settings
+    from tasks.core.db.engine import _engine_for, migrate
+    from tasks.core.settings import get_settings
 
     url = make_database()
     os.environ["DATABASE_URL"] = url
@@ -120,7 +120,7 @@ def database_url(make_database) -> Iterator[str]:
 
 @pytest.fixture()
 def engine(database_url: str):
-    from tasks.db.engine import _engine_for
+    from tasks.core.db.engine import _engine_for
 
     return _engine_for(database_url)
 
@@ -128,7 +128,7 @@ def engine(database_url: str):
 @pytest.fixture()
 def fresh_engine(make_database):
     """An engine on a brand-new migrated database (for tests that count rows exactly)."""
-    from tasks.db.engine import _engine_for, migrate
+    from tasks.core.db.engine import _engine_for, migrate
 
     url = make_database()
     eng = _engine_for(url)

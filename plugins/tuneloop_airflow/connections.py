@@ -99,7 +99,7 @@ def apply_connections(environ: MutableMapping[str, str] = os.environ) -> list[st
     changed = sorted(name for name, value in env.items() if environ.get(name) != value)
     if changed:
         environ.update({name: env[name] for name in changed})
-        from tasks.settings import get_settings
+        from tasks.core.settings import get_settings
 
         get_settings.cache_clear()
         log.info("settings from Airflow connections: %s", ", ".join(changed))

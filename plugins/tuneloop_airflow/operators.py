@@ -32,7 +32,7 @@ class ContainerTrainerOperator(BaseOperator):
         self.prepared = prepared
 
     def build_operator(self, prepared: dict) -> BaseOperator:
-        from tasks.settings import get_settings
+        from tasks.core.settings import get_settings
         from tasks.train.container import (
             docker_trainer_kwargs,
             host_path,

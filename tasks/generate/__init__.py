@@ -19,7 +19,7 @@ from __future__ import annotations
 from tasks.generate.config import GenerationConfig, GenerationError, coerce_config
 from tasks.generate.personas import PersonaError
 from tasks.generate.prompts import PromptError
-from tasks.generate.run import (
+from tasks.generate.stage import (
     dedup_range,
     finalize_batch,
     format_preview,

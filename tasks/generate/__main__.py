@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from tasks.db.engine import get_engine, migrate
+    from tasks.core.db.engine import get_engine, migrate
 
     migrate(get_engine())
     counts = {"ok": 0, "failed": 0}

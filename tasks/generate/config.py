@@ -13,10 +13,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.configs import at_least
+from tasks.core.configs import at_least
+from tasks.core.ids import canonical_json, stable_id
+from tasks.core.settings import Endpoint, Settings, get_settings
 from tasks.generate.dedup import DEFAULT_CONVERSATION_THRESHOLD, DEFAULT_OPENING_THRESHOLD
-from tasks.ids import canonical_json, stable_id
-from tasks.settings import Endpoint, Settings, get_settings
 
 MAX_TURNS = 20
 MAX_COUNT = 1_000_000

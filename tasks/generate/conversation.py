@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.core.ids import content_hash, stable_id
+from tasks.core.settings import Settings
 from tasks.generate.config import GenerationConfig
 from tasks.generate.personas import (
     Persona,
@@ -38,8 +40,6 @@ from tasks.generate.taxonomy import (
     seed_for,
     stratified_choices,
 )
-from tasks.ids import content_hash, stable_id
-from tasks.settings import Settings
 
 SCENARIO_QUESTION = "question"
 SCENARIO_DOCUMENT = "document"

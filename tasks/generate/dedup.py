@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.embeddings import EMBEDDING_DIM
+from tasks.core.embeddings import EMBEDDING_DIM
 
 DEFAULT_OPENING_THRESHOLD = 0.75
 DEFAULT_CONVERSATION_THRESHOLD = 0.90
@@ -58,7 +58,7 @@ def embed_conversations(messages_list: Sequence[Sequence[dict[str, str]]],
 
     Both text kinds go through the encoder in one call so it batches them together.
     """
-    from tasks.embeddings import embed
+    from tasks.core.embeddings import embed
 
     n = len(messages_list)
     if n == 0:

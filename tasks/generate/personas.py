@@ -19,9 +19,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks.core.ids import content_hash, stable_id
+from tasks.core.paths import RUBRICS_DIR
 from tasks.generate.taxonomy import seed_for, stratified_choices, stratified_indices
-from tasks.ids import content_hash, stable_id
-from tasks.paths import RUBRICS_DIR
 
 DEFAULT_PERSONAS_PATH = RUBRICS_DIR / "personas.yaml"
 
@@ -150,7 +150,7 @@ class PersonaTemplate(_Strict):
 
 @functools.lru_cache(maxsize=16)
 def _load_cached(path: str, mtime_ns: int) -> PersonaTemplate:
-    from tasks.configs import load_yaml_model
+    from tasks.core.configs import load_yaml_model
 
     return load_yaml_model(path, PersonaTemplate, PersonaError, "communication_styles, flaw_patterns, ...")
 

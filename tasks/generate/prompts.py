@@ -24,10 +24,10 @@ from typing import Any
 
 import jinja2
 
+from tasks.core.ids import content_hash
+from tasks.core.paths import PROMPTS_DIR
 from tasks.generate.personas import Persona, PersonaTemplate, describe_persona, flaw_description
 from tasks.generate.taxonomy import EDGE_CASE_DIMENSION, NO_EDGE_CASE, Taxonomy
-from tasks.ids import content_hash
-from tasks.paths import PROMPTS_DIR
 
 TEMPLATES = {
     "system_prompt": "generation/system_prompt.jinja2",

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.ids import canonical_json, stable_id
-from tasks.paths import RUBRICS_DIR
+from tasks.core.ids import canonical_json, stable_id
+from tasks.core.paths import RUBRICS_DIR
 
 DEFAULT_TAXONOMY_PATH = RUBRICS_DIR / "taxonomy.yaml"
 EDGE_CASE_DIMENSION = "edge_case"
@@ -164,7 +164,7 @@ def _normalise(weights: Mapping[str, float]) -> dict[str, float]:
 
 @functools.lru_cache(maxsize=16)
 def _load_cached(path: str, mtime_ns: int) -> Taxonomy:
-    from tasks.configs import load_yaml_model
+    from tasks.core.configs import load_yaml_model
 
     return load_yaml_model(path, Taxonomy, TaxonomyError, "`dimensions:` and `edge_cases:`")
 

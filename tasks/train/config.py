@@ -30,9 +30,9 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.configs import at_least
-from tasks.ids import content_hash
-from tasks.paths import TRAINING_DIR
+from tasks.core.configs import at_least
+from tasks.core.ids import content_hash
+from tasks.core.paths import TRAINING_DIR
 
 log = logging.getLogger(__name__)
 

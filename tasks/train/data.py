@@ -31,7 +31,7 @@ from tasks.train.config import (
 IGNORE_INDEX = -100
 _SENTINEL = "\u2063tuneloop-sentinel\u2063"
 
-# Minimal ChatML (the same one tasks.models adds to tinycoder), for `chatml` / fallbacks.
+# Minimal ChatML (the same one tasks.core.weights adds to tinycoder), for `chatml` / fallbacks.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
     "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"

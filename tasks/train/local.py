@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.ids import content_hash
+from tasks.core.ids import content_hash
 from tasks.train.config import (
     AxolotlConfig,
     TrainingConfigError,
@@ -97,7 +96,7 @@ class TrainResult:
 # ---- helpers ----------------------------------------------------------------------------------
 def resolve_local_base_model(base_model: str) -> Path:
     """A Hugging Face id with a pip-shipped copy, a known short name, or a local folder."""
-    from tasks.models import resolve_base_model
+    from tasks.core.weights import resolve_base_model
 
     try:
         return resolve_base_model(local_model_name(base_model))
@@ -123,7 +122,7 @@ def _precision(cfg: AxolotlConfig) -> tuple[Any, Any, Any]:
     import torch
 
     if not torch.cuda.is_available():
-        from tasks.models import cpu_has_native_bf16
+        from tasks.core.weights import cpu_has_native_bf16
 
         if cfg.bf16 is True or (cfg.bf16 == "auto" and cpu_has_native_bf16()):
             if cfg.bf16 is True and not cpu_has_native_bf16():
@@ -338,7 +337,6 @@ def train_local(
     Raises TrainingConfigError for config/data problems (with the fix), TrainingError when the
     loss diverges to NaN/inf.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer

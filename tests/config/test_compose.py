@@ -75,7 +75,7 @@ def test_postgres_creates_airflow_tuneloop_and_mlflow_databases():
 
 
 def _code_reads(name: str) -> bool:
-    from tasks.settings import Settings
+    from tasks.core.settings import Settings
 
     for field, info in Settings.model_fields.items():
         alias = info.validation_alias if isinstance(info.validation_alias, str) else None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from tasks.curate import CurationConfig, CurationError
-from tasks.signals import SignalConfig, SignalConfigError
+from tasks.curate.stage import CurationConfig, CurationError
+from tasks.signals.stage import SignalConfig, SignalConfigError
 
 
 def test_defaults_follow_the_seeds():

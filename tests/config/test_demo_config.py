@@ -60,7 +60,7 @@ def test_sigterm_unwinds_the_demo_so_its_servers_are_stopped(tmp_path):
 def test_summary_says_which_alias_is_the_base_model(monkeypatch, capsys):
     """A fresh registry registers the base model after the first adapter (champion=v2), so the
     summary names it instead of leaving a higher champion version unexplained."""
-    import tasks.register as register
+    import tasks.register.registry as register
     from tasks.demo import _print_summary
 
     monkeypatch.setattr(register, "get_alias_version",

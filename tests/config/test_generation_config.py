@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from tasks.core.settings import load_settings
 from tasks.generate import GenerationConfig, coerce_config
-from tasks.settings import load_settings
 
 SETTINGS = load_settings(llm_base_url="http://127.0.0.1:9/v1", llm_model="fake-model")
 

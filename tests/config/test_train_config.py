@@ -147,7 +147,7 @@ def test_suggested_sequence_len_is_next_multiple_of_64():
 def tinycoder_tokenizer():
     from transformers import AutoTokenizer
 
-    from tasks.models import tinycoder_path
+    from tasks.core.weights import tinycoder_path
 
     return AutoTokenizer.from_pretrained(str(tinycoder_path()))
 

@@ -184,7 +184,7 @@ def _fake_axolotl_run(axolotl_out: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 
-    from tasks.models import tinycoder_path
+    from tasks.core.weights import tinycoder_path
 
     path = str(tinycoder_path())
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
@@ -281,7 +281,7 @@ def test_docker_operator_in_compose_mounts_host_paths_and_joins_the_network(
     """Airflow in a container: mount sources are the host's folders, the trainer joins the
     compose network and gets the http:// MLflow URI."""
     monkeypatch.syspath_prepend(str(ROOT / "plugins"))
-    from tasks.settings import get_settings
+    from tasks.core.settings import get_settings
     from tuneloop_airflow.operators import ContainerTrainerOperator
 
     data_dir = tmp_path / "artifacts"

@@ -21,8 +21,8 @@ NEGATIVE_DWELL_MS = (1_000, 2_000)  # `dismiss` under 5 s
 
 
 def _seed_deployment_with_reactions(engine) -> None:
-    from tasks.db.engine import session_scope
-    from tasks.db.models import Deployment, Interaction, Reaction
+    from tasks.core.db.engine import session_scope
+    from tasks.core.db.models import Deployment, Interaction, Reaction
 
     reactions = [("done", ms) for ms in POSITIVE_DWELL_MS] + [
         ("dismiss", ms) for ms in NEGATIVE_DWELL_MS]
@@ -47,8 +47,8 @@ def _seed_deployment_with_reactions(engine) -> None:
 def two_databases(airflow_db, make_database, monkeypatch, tmp_path):
     """(env engine, connection engine): DATABASE_URL → the first, AIRFLOW_CONN_TUNELOOP_DB → the
     second (seeded). The environment is restored afterwards (the task rewrote DATABASE_URL)."""
-    from tasks.db.engine import _engine_for, migrate
-    from tasks.settings import get_settings
+    from tasks.core.db.engine import _engine_for, migrate
+    from tasks.core.settings import get_settings
 
     env_url, conn_url = make_database("tuneloop_env"), make_database("tuneloop_conn")
     engines = _engine_for(env_url), _engine_for(conn_url)
@@ -77,7 +77,7 @@ def _run_only(dagbag, task_id: str) -> dict:
 
 
 def _report_deployments(engine) -> list[str]:
-    from tasks.db.models import ComparisonReport
+    from tasks.core.db.models import ComparisonReport
 
     with engine.connect() as conn:
         return list(conn.scalars(select(ComparisonReport.deployment_id)))

@@ -66,7 +66,7 @@ def _stored_rows(data_url: str) -> int:
 
 
 def test_generation_survives_a_postgres_restart(drill):
-    from tasks.db.models import Conversation, GenerationBatch
+    from tasks.core.db.models import Conversation, GenerationBatch
 
     airflow: AirflowStack = drill["airflow"]
     postgres: PrivatePostgres = drill["postgres"]

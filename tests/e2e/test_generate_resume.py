@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from tasks.db.engine import session_scope
-from tasks.db.models import Conversation
+from tasks.core.db.engine import session_scope
+from tasks.core.db.models import Conversation
+from tasks.core.settings import load_settings
 from tasks.generate import GenerationConfig
 from tasks.generate.conversation import BatchPlan
-from tasks.settings import load_settings
 from tests.fakes.fake_openai import FakeOpenAIServer
 
 ROOT = Path(__file__).resolve().parents[2]

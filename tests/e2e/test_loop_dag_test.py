@@ -29,13 +29,13 @@ def loop_env(airflow_db, tmp_path_factory):
             "TUNELOOP_DATA_DIR": str(data_dir),
             "MLFLOW_TRACKING_URI": f"sqlite:///{data_dir}/mlflow.db",
         })
-        from tasks.settings import get_settings
+        from tasks.core.settings import get_settings
 
         get_settings.cache_clear()
         yield server
     os.environ.clear()
     os.environ.update(saved)
-    from tasks.settings import get_settings
+    from tasks.core.settings import get_settings
 
     get_settings.cache_clear()
 
@@ -48,9 +48,9 @@ def _run(dagbag, dag_id: str, conf: dict):
 
 
 def test_the_loop_runs_through_airflow(dagbag, loop_env, engine):
-    from tasks.db.models import Conversation, Dataset, Deployment, Judgment, TagResult
-    from tasks.register import get_alias_version
-    from tasks.settings import get_settings
+    from tasks.core.db.models import Conversation, Dataset, Deployment, Judgment, TagResult
+    from tasks.core.settings import get_settings
+    from tasks.register.registry import get_alias_version
 
     run, states = _run(dagbag, "generate_conversations",
                        {"count": 16, "turns": 1, "seed": 7, "shard_size": 8})

@@ -3,7 +3,7 @@ log line while new signals are below the Params' minimums (no dataset, no asset 
 retrain), builds and publishes the reaction dataset once they are met (the asset event is what
 schedules train_and_register), and skips again when nothing new arrived since that dataset.
 
-The reactions are real rows with planted PII (tests/unit/test_signals_dataset.py's events): 60
+The reactions are real rows with planted PII (tests/unit/signals/test_signals_dataset.py's events): 60
 interactions → 30 `done` inside 15 s–2 min, 24 quick `dismiss`, 6 outside both windows.
 """
 
@@ -14,7 +14,7 @@ import logging
 import pytest
 from sqlalchemy import select
 
-from tests.unit.test_signals_dataset import planted_event, reaction_for, store
+from tests.unit.signals.test_signals_dataset import planted_event, reaction_for, store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -25,8 +25,8 @@ SKIPPED_AFTER_DECISION = ("build", "gate_passed", "publish")
 
 @pytest.fixture()
 def nightly_db(airflow_db, make_database, monkeypatch, tmp_path):
-    from tasks.db.engine import _engine_for, migrate
-    from tasks.settings import get_settings
+    from tasks.core.db.engine import _engine_for, migrate
+    from tasks.core.settings import get_settings
 
     url = make_database("tuneloop_nightly")
     engine = _engine_for(url)
@@ -63,7 +63,7 @@ def _dataset_events(run) -> list[dict]:
 
 
 def _datasets(engine) -> list[str]:
-    from tasks.db.models import Dataset
+    from tasks.core.db.models import Dataset
 
     with engine.connect() as conn:
         return list(conn.scalars(select(Dataset.id)))

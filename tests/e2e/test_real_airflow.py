@@ -89,7 +89,7 @@ def test_one_trigger_runs_the_whole_loop_through_assets(finished_loop):
 
 
 def test_the_loop_leaves_its_rows_in_postgres(finished_loop, data_engine):
-    from tasks.db.models import Conversation, Dataset, Deployment, TagResult
+    from tasks.core.db.models import Conversation, Dataset, Deployment, TagResult
 
     with data_engine.connect() as conn:
         conversations = conn.scalar(select(func.count()).select_from(Conversation))
@@ -106,11 +106,11 @@ def test_the_loop_leaves_its_rows_in_postgres(finished_loop, data_engine):
 
 
 def test_the_challenger_is_registered_with_the_ci_param_defaults(finished_loop, data_engine):
-    from tasks.db.models import Deployment
+    from tasks.core.db.models import Deployment
 
     with _settings_of(finished_loop["env"]):
-        from tasks.register import get_alias_version, get_version_info
-        from tasks.settings import get_settings
+        from tasks.core.settings import get_settings
+        from tasks.register.registry import get_alias_version, get_version_info
 
         name = get_settings().registered_model_name
         challenger = get_alias_version(name, "challenger")
@@ -161,7 +161,7 @@ def test_the_ui_grid_renders_the_runs(finished_loop):
 @contextmanager
 def _settings_of(env: dict[str, str]):
     """tuneloop settings as the Airflow tasks saw them (their MLflow store and data dir)."""
-    from tasks.settings import get_settings
+    from tasks.core.settings import get_settings
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "TUNELOOP_DATA_DIR")}
     os.environ.update({k: env[k] for k in saved})

@@ -1,5 +1,0 @@
-"""Postgres system of record: models, engine/session helpers and migrations."""
-
-from tasks.db.engine import get_engine, migrate, session_scope, upsert
-
-__all__ = ["get_engine", "migrate", "session_scope", "upsert"]

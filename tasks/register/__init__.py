@@ -1,0 +1,3 @@
+"""The MLflow registry: runs, versions, aliases champion/challenger (`registry`), the Ollama export
+(`ollama`) and the side-by-side listing behind `tuneloop adapters` (`view`).
+"""

@@ -1,0 +1,646 @@
+"""Tagging and judging stage: the functions the `tag_conversations` DAG maps over shards.
+
+    plan_tagging(cfg)            -> [{"shard": 0, "first_id": ..., "last_id": ..., "count": n}, ...]
+    tag_shard(shard, cfg)        -> {"tagged": {...}, "failed": {...}, ...}
+    judge_shard(shard, cfg)      -> {"judged": {...}, "judge_errors": {...}, ...}
+    tagging_stats(cfg, out_dir)  -> counts, histograms (PNG), frequency tables, judge agreement
+    run_tagging(cfg)             -> all of the above in one process (CLI, demo, benchmark)
+
+Five taggers (emotion, topic, temporal, belief, hallucination; see `tasks.tag.taggers`) write
+`tag_results` (one row per conversation, tagger and tagger version) and `tag_failures` (one row per
+failed attempt, with the raw output). A run only does what is missing for the *current* versions,
+so a rerun resumes, and a changed template re-tags while older versions' rows stay queryable.
+The rubric judge (`tasks.judge.stage`) writes one `judgments` row per conversation, criterion and judge
+slot. Shards are id ranges (XCom-small); a shard re-reads what is still missing when it runs.
+
+`TagResult.score` convention: emotion → confidence in [0, 1]; hallucination →
+hallucination_score in [0, 1]; topic/temporal → confidence; belief → confidence or null.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from sqlalchemy import and_, func, select
+from sqlalchemy.orm import Session
+
+from tasks.core.db.models import Conversation, Judgment, TagFailure, TaggerVersion, TagResult
+from tasks.core.settings import DEFAULT_LOCAL_MODEL, Endpoint, get_settings
+from tasks.judge.stage import (
+    JUDGE_SLOTS,
+    JudgeTarget,
+    Rubric,
+    judge_conversation,
+    load_rubric,
+    store_rubric,
+)
+from tasks.tag.taggers import (
+    BACKENDS,
+    TAGGER_NAMES,
+    TAGGERS,
+    BaseTagger,
+    ConversationInput,
+    TaggerOutputInvalid,
+    UnknownTagger,
+    get_tagger,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TaggerOutputInvalid",
+    "UnknownTagger",
+    "TaggingConfig",
+    "current_tagger_versions",
+    "judge_shard",
+    "latest_tags",
+    "plan_tagging",
+    "run_tagging",
+    "tag_shard",
+    "tagging_stats",
+]
+
+BackendChoice = Literal["auto", "llm", "embedding", "heuristic"]
+# "auto": the bundled 135M model rarely writes valid JSON, so when the tagger role points at it the
+# classification taggers use MiniLM label similarity instead; any other model gets the LLM.
+EMBEDDING_CAPABLE = ("emotion", "topic", "temporal")
+
+
+class TaggingConfig(BaseModel):
+    """What one tagging run does. Every field has a working default; errors say the fix."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    taggers: list[str] = Field(default_factory=lambda: list(TAGGER_NAMES))
+    backends: dict[str, BackendChoice] = Field(default_factory=dict)
+    # Attempts per (conversation, tagger) and run; the seed pipeline used `--retries 20`.
+    retries: int = 3
+    tagger_base_url: str | None = None
+    tagger_model: str | None = None
+    judges: list[Literal["judge", "judge2"]] = Field(default_factory=lambda: list(JUDGE_SLOTS))
+    judge_base_urls: dict[Literal["judge", "judge2"], str] = Field(default_factory=dict)
+    judge_models: dict[Literal["judge", "judge2"], str] = Field(default_factory=dict)
+    # Measured by bench/tag.py (SmolLM2 tokenizer, 4-turn conversations, 11 criteria): combined
+    # needs ~half the prompt tokens per conversation (~2.7k vs ~5.5k over 11 requests) but puts
+    # everything in one ~2.7k-token prompt where one unparseable reply loses all 11 verdicts.
+    # per_criterion keeps each prompt under ~600 tokens with its calibration examples right next
+    # to its question and loses one verdict per failure, so it is the default; pick combined
+    # for a strong, token-priced judge.
+    judge_mode: Literal["per_criterion", "combined"] = "per_criterion"
+    judge_retries: int = 3
+    # Share of conversations the judge sees (1.0 = all). Membership is a hash of the
+    # conversation id, so it is the same sample on every rerun and in every shard layout; use it
+    # to bound judge cost (an audit sample) where every tagger still runs on everything.
+    judge_sample_rate: float = Field(1.0, gt=0.0, le=1.0)
+    policy: Literal["both", "either"] = "both"
+    shard_size: int = 100
+    batch_ids: list[str] | None = None
+    max_in_flight: int = 64
+    max_tokens: int = 512
+    use_cache: bool = True
+    timeout_s: float | None = None
+    rubric_path: str | None = None
+
+    @field_validator("taggers")
+    @classmethod
+    def _taggers(cls, value: list[str]) -> list[str]:
+        unknown = [t for t in value if t not in TAGGERS]
+        if unknown:
+            raise ValueError(f"unknown taggers {unknown}; use some of {', '.join(TAGGER_NAMES)}")
+        return list(dict.fromkeys(value))
+
+    @field_validator("batch_ids", mode="before")
+    @classmethod
+    def _batch_ids(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("retries", "judge_retries")
+    @classmethod
+    def _retries(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"retries must be >= 1 (attempts per item), got {value}; e.g. 3, "
+                             "or 20 as in the seed pipeline")
+        return value
+
+    @field_validator("shard_size", "max_in_flight", "max_tokens")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be >= 1, got {value}; e.g. shard_size: 100, "
+                             "max_in_flight: 64, max_tokens: 512")
+        return value
+
+    @field_validator("tagger_base_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"tagger_base_url {value!r} is not an http(s) URL; "
+                             "e.g. http://127.0.0.1:8300/v1")
+        return value
+
+    @field_validator("judge_base_urls")
+    @classmethod
+    def _judge_urls(cls, value: dict[str, str]) -> dict[str, str]:
+        for slot, url in value.items():
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"judge_base_urls[{slot}] {url!r} is not an http(s) URL; "
+                                 "e.g. http://127.0.0.1:8300/v1")
+        return value
+
+    @model_validator(mode="after")
+    def _backends(self) -> TaggingConfig:
+        for name, backend in self.backends.items():
+            if name not in TAGGERS:
+                raise ValueError(f"backends names unknown tagger {name!r}; use some of "
+                                 f"{', '.join(TAGGER_NAMES)}")
+            if backend != "auto" and backend not in TAGGERS[name].backends:
+                raise ValueError(
+                    f"tagger {name!r} has no {backend!r} backend; set backends.{name} to one of "
+                    f"{', '.join(('auto', *TAGGERS[name].backends))}"
+                )
+        return self
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None) -> TaggingConfig:
+        """Build from DAG Params / a UI trigger's conf.
+
+        Besides the field names themselves: `classifier_backend` (backend for emotion, topic
+        and temporal), `judge_policy` (= policy), `batch_id` ("" = all batches) and
+        `judge_endpoints` ({slot: "base_url#model" or {"base_url", "model"}}).
+        """
+        values = dict(params or {})
+        mapped: dict[str, Any] = {}
+        classifier = values.pop("classifier_backend", None)
+        if classifier:
+            mapped["backends"] = dict.fromkeys(EMBEDDING_CAPABLE, classifier)
+        if "judge_policy" in values:
+            mapped["policy"] = values.pop("judge_policy")
+        batch_id = values.pop("batch_id", None)
+        if batch_id:
+            mapped["batch_ids"] = [batch_id]
+        for slot, spec in (values.pop("judge_endpoints", None) or {}).items():
+            if isinstance(spec, str):
+                base_url, _, model = spec.partition("#")
+                spec = {"base_url": base_url, "model": model}
+            if spec.get("base_url"):
+                mapped.setdefault("judge_base_urls", {})[slot] = spec["base_url"]
+            if spec.get("model"):
+                mapped.setdefault("judge_models", {})[slot] = spec["model"]
+        unknown = sorted(set(values) - set(cls.model_fields))
+        if unknown:
+            raise ValueError(
+                f"unknown tagging params {unknown}; use TaggingConfig fields "
+                f"({', '.join(cls.model_fields)}) or classifier_backend, judge_policy, batch_id, "
+                "judge_endpoints")
+        backends = {**mapped.pop("backends", {}), **(values.pop("backends", None) or {})}
+        return cls(**values, **mapped, **({"backends": backends} if backends else {}))
+
+    # ---- resolution -----------------------------------------------------------------------
+    def endpoint(self, role: str) -> Endpoint:
+        """The settings endpoint for `role` with this config's overrides. No per-endpoint
+        concurrency limit is set, so `max_in_flight` alone bounds requests in flight."""
+        base = get_settings().endpoint(role)  # type: ignore[arg-type]
+        if role == "tagger":
+            base_url, model = self.tagger_base_url, self.tagger_model
+        else:
+            base_url = self.judge_base_urls.get(role)  # type: ignore[call-overload]
+            model = self.judge_models.get(role)  # type: ignore[call-overload]
+        return Endpoint(base_url=base_url or base.base_url, model=model or base.model,
+                        api_key=base.api_key, timeout_s=self.timeout_s or base.timeout_s)
+
+    def backend_for(self, name: str) -> str:
+        choice = self.backends.get(name, "auto")
+        if choice != "auto":
+            return choice
+        if name in EMBEDDING_CAPABLE and self.endpoint("tagger").model == DEFAULT_LOCAL_MODEL:
+            return "embedding"
+        return "llm"
+
+    def build_taggers(self) -> list[BaseTagger]:
+        model = self.endpoint("tagger").model
+        return [get_tagger(name, self.backend_for(name), model) for name in self.taggers]
+
+    def rubric(self) -> Rubric:
+        return load_rubric(Path(self.rubric_path) if self.rubric_path else None)
+
+
+# ---- queries -------------------------------------------------------------------------------------
+def _engine():
+    from tasks.core.db.engine import get_engine
+
+    return get_engine()
+
+
+def _scope(cfg: TaggingConfig) -> list[Any]:
+    conditions = [Conversation.status == "ok"]
+    if cfg.batch_ids:
+        conditions.append(Conversation.batch_id.in_(cfg.batch_ids))
+    return conditions
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _missing_tag_pairs(session: Session, ids: Sequence[str],
+                       taggers: Sequence[BaseTagger]) -> dict[str, list[BaseTagger]]:
+    """{conversation_id: [taggers without a result for their current version]}."""
+    versions = [t.version for t in taggers]
+    have: set[tuple[str, str]] = set()
+    for chunk in _chunks(list(ids), 5000):
+        have.update(session.execute(
+            select(TagResult.conversation_id, TagResult.tagger_version).where(
+                TagResult.conversation_id.in_(chunk), TagResult.tagger_version.in_(versions))
+        ).tuples())
+    return {cid: missing for cid in ids
+            if (missing := [t for t in taggers if (cid, t.version) not in have])}
+
+
+def _next_attempts(session: Session, ids: Sequence[str],
+                   taggers: Sequence[BaseTagger]) -> dict[tuple[str, str], int]:
+    versions = [t.version for t in taggers]
+    out: dict[tuple[str, str], int] = {}
+    for chunk in _chunks(list(ids), 5000):
+        rows = session.execute(
+            select(TagFailure.conversation_id, TagFailure.tagger_version,
+                   func.max(TagFailure.attempt))
+            .where(TagFailure.conversation_id.in_(chunk),
+                   TagFailure.tagger_version.in_(versions))
+            .group_by(TagFailure.conversation_id, TagFailure.tagger_version)
+        ).tuples()
+        out.update({(cid, version): int(n) + 1 for cid, version, n in rows})
+    return out
+
+
+def in_judge_sample(conversation_id: str, rate: float) -> bool:
+    """Whether a conversation is in the judge's sample at `rate` (stable: a hash of the id)."""
+    if rate >= 1.0:
+        return True
+    digest = hashlib.sha256(f"judge-sample:{conversation_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < rate
+
+
+def _missing_judgments(session: Session, ids: Sequence[str], rubric: Rubric,
+                       slots: Sequence[str]) -> dict[tuple[str, str], list[str]]:
+    """{(conversation_id, slot): [criteria without a non-ERROR verdict]}."""
+    have: set[tuple[str, str, str]] = set()
+    for chunk in _chunks(list(ids), 5000):
+        have.update(session.execute(
+            select(Judgment.conversation_id, Judgment.judge, Judgment.criterion).where(
+                Judgment.conversation_id.in_(chunk), Judgment.rubric_version == rubric.version,
+                Judgment.verdict != "ERROR", Judgment.judge.in_(list(slots)))
+        ).tuples())
+    criteria = rubric.criterion_ids()
+    out: dict[tuple[str, str], list[str]] = {}
+    for cid in ids:
+        for slot in slots:
+            missing = [c for c in criteria if (cid, slot, c) not in have]
+            if missing:
+                out[(cid, slot)] = missing
+    return out
+
+
+def _conversations(session: Session, ids: Sequence[str]) -> dict[str, ConversationInput]:
+    out: dict[str, ConversationInput] = {}
+    for chunk in _chunks(list(ids), 5000):
+        for row in session.scalars(select(Conversation).where(Conversation.id.in_(chunk))):
+            out[row.id] = ConversationInput.from_row(row)
+    return out
+
+
+def _shard_ids(session: Session, shard: dict[str, Any], cfg: TaggingConfig) -> list[str]:
+    if "ids" in shard:
+        conditions = [*_scope(cfg), Conversation.id.in_(list(shard["ids"]))]
+    else:
+        conditions = [*_scope(cfg), Conversation.id >= shard["first_id"],
+                      Conversation.id <= shard["last_id"]]
+    return list(session.scalars(select(Conversation.id).where(and_(*conditions))
+                                .order_by(Conversation.id)))
+
+
+def _register_versions(session: Session, taggers: Sequence[BaseTagger]) -> None:
+    from tasks.core.db.engine import upsert
+
+    upsert(session, TaggerVersion, [t.version_row() for t in taggers], update=[])
+
+
+# ---- entry points --------------------------------------------------------------------------------
+def plan_tagging(cfg: TaggingConfig) -> list[dict[str, Any]]:
+    """Id-range shards covering conversations that lack a current tag result or judgment.
+
+    Each shard is `{"shard": i, "first_id", "last_id", "count"}` — a few hundred bytes however
+    large the shard, so the list fits XCom and maps over workers.
+    """
+    from tasks.core.db.engine import session_scope
+
+    taggers = cfg.build_taggers()
+    rubric = cfg.rubric() if cfg.judges else None
+    with session_scope(_engine()) as session:
+        ids = list(session.scalars(select(Conversation.id).where(and_(*_scope(cfg)))
+                                   .order_by(Conversation.id)))
+        needs_tags = set(_missing_tag_pairs(session, ids, taggers)) if taggers else set()
+        needs_judging: set[str] = set()
+        if rubric is not None:
+            needs_judging = {cid for cid, _ in _missing_judgments(session, ids, rubric,
+                                                                  cfg.judges)}
+    todo = [cid for cid in ids if cid in needs_tags or cid in needs_judging]
+    shards = [{"shard": i, "first_id": chunk[0], "last_id": chunk[-1], "count": len(chunk)}
+              for i, chunk in enumerate(_chunks(todo, cfg.shard_size))]
+    log.info("plan_tagging: %d conversations in scope, %d need tags, %d need judging → %d shards",
+             len(ids), len(needs_tags), len(needs_judging), len(shards))
+    return shards
+
+
+def _llm_client(cfg: TaggingConfig, role: str):
+    from tasks.core.llm.client import LLMClient
+
+    cache = None
+    if cfg.use_cache:
+        from tasks.core.llm.cache import PostgresResponseCache
+
+        cache = PostgresResponseCache(_engine())
+    endpoint = cfg.endpoint(role)
+    settings = get_settings()
+    fallbacks = [Endpoint(base_url=url, model=endpoint.model, api_key=endpoint.api_key,
+                          timeout_s=endpoint.timeout_s)
+                 for url in settings.llm_fallback_base_urls] if role == "tagger" else []
+    return LLMClient([endpoint, *fallbacks], max_concurrency=cfg.max_in_flight,
+                     timeout_s=cfg.timeout_s, cache=cache)
+
+
+async def _run(
+    cfg: TaggingConfig,
+    shards: Sequence[dict[str, Any]],
+    *,
+    do_tags: bool,
+    do_judge: bool,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Tag and/or judge the given shards with one worker pool (no tail between shards)."""
+    from tasks.core.db.engine import session_scope
+    from tasks.tag.embedding import EmbeddingTagger, embed_conversations
+    from tasks.tag.heuristic import HeuristicTagger
+    from tasks.tag.runner import (
+        BatchWriter,
+        RunCounts,
+        WorkerPool,
+        result_row,
+        tag_with_llm,
+    )
+
+    started = time.perf_counter()
+    engine = _engine()
+    taggers = cfg.build_taggers() if do_tags else []
+    llm_taggers = [t for t in taggers if t.backend == "llm"]
+    rubric = cfg.rubric() if do_judge and cfg.judges else None
+    counts = RunCounts()
+    writer = BatchWriter(engine)
+    tag_client = _llm_client(cfg, "tagger") if llm_taggers else None
+    targets: list[JudgeTarget] = []
+    if rubric is not None:
+        for slot in cfg.judges:
+            endpoint = cfg.endpoint(slot)
+            targets.append(JudgeTarget(slot, _llm_client(cfg, slot), endpoint.label()))
+        labels = {t.label for t in targets}
+        if len(targets) > 1 and len(labels) == 1:
+            log.warning("both judge slots use %s; agreement will be trivially high — point "
+                        "judge2 at another endpoint/model (TUNELOOP_JUDGE2_BASE_URL/MODEL)",
+                        next(iter(labels)))
+    with session_scope(engine) as session:
+        if taggers:
+            _register_versions(session, taggers)
+        if rubric is not None:
+            store_rubric(session, rubric)
+
+    total_jobs = 0
+    done_jobs = 0
+    judge_usage: dict[str, int] = {}
+
+    def tick() -> None:
+        nonlocal done_jobs
+        done_jobs += 1
+        if progress is not None:
+            progress(done_jobs, total_jobs)
+
+    def load(shard: dict[str, Any]) -> tuple[dict[str, ConversationInput],
+                                             dict[str, list[BaseTagger]],
+                                             dict[tuple[str, str], int],
+                                             dict[tuple[str, str], list[str]]]:
+        with session_scope(engine) as session:
+            ids = _shard_ids(session, shard, cfg)
+            missing = _missing_tag_pairs(session, ids, taggers) if taggers else {}
+            attempts = _next_attempts(session, list(missing), llm_taggers) if llm_taggers else {}
+            judging = (_missing_judgments(
+                session, [i for i in ids if in_judge_sample(i, cfg.judge_sample_rate)], rubric,
+                cfg.judges) if rubric is not None else {})
+            wanted = set(missing) | {cid for cid, _ in judging}
+            conversations = _conversations(session, [i for i in ids if i in wanted])
+        return conversations, missing, attempts, judging
+
+    def local_backends(conversations: dict[str, ConversationInput],
+                       missing: dict[str, list[BaseTagger]]) -> list[dict[str, Any]]:
+        """Embedding and heuristic taggers: CPU work, run on a thread (one embed call/shard)."""
+        rows: list[dict[str, Any]] = []
+        embedding = [t for t in taggers if isinstance(t, EmbeddingTagger)]
+        need = [cid for cid in missing if any(isinstance(t, EmbeddingTagger)
+                                              for t in missing[cid])]
+        if embedding and need:
+            embedded = dict(zip(need, embed_conversations([conversations[c] for c in need]),
+                                strict=True))
+            for cid in need:
+                for tagger in missing[cid]:
+                    if isinstance(tagger, EmbeddingTagger):
+                        rows.append(result_row(cid, tagger, tagger.tag_embedded(embedded[cid]),
+                                               attempts=1))
+        for cid, pending in missing.items():
+            for tagger in pending:
+                if isinstance(tagger, HeuristicTagger):
+                    rows.append(result_row(cid, tagger, tagger.tag(conversations[cid]),
+                                           attempts=1))
+        return rows
+
+    async def judge_job(target: JudgeTarget, conversation: ConversationInput,
+                        criteria: list[str]) -> None:
+        rows, used = await judge_conversation(
+            target, rubric, conversation.id, conversation.messages, criteria,
+            mode=cfg.judge_mode, retries=cfg.judge_retries, max_tokens=cfg.max_tokens,
+            system_prompt=conversation.system_prompt)
+        for row in rows:
+            writer.add("judgments", row)
+            if row["verdict"] == "ERROR":
+                counts.judge_errors[target.slot] += 1
+            else:
+                counts.judged[target.slot] += 1
+        counts.judge_failed_attempts[target.slot] += used["failed_attempts"]
+        for key in ("prompt_tokens", "completion_tokens"):
+            judge_usage[key] = judge_usage.get(key, 0) + used[key]
+        tick()
+
+    async def tag_job(tagger: BaseTagger, conversation: ConversationInput, first: int) -> None:
+        await tag_with_llm(tag_client, tagger, conversation, writer, counts,
+                           retries=cfg.retries, first_attempt=first, max_tokens=cfg.max_tokens)
+        tick()
+
+    await writer.start()
+    try:
+        async with WorkerPool(cfg.max_in_flight) as pool:
+            for shard in shards:
+                conversations, missing, attempts, judging = await asyncio.to_thread(load, shard)
+                total_jobs += (sum(1 for pending in missing.values() for t in pending
+                                   if t.backend == "llm") + len(judging))
+                local_rows = await asyncio.to_thread(local_backends, conversations, missing)
+                for row in local_rows:
+                    writer.add("tag_results", row)
+                    counts.tagged[row["tagger"]] += 1
+                for cid, pending in missing.items():
+                    for tagger in pending:
+                        if tagger.backend == "llm":
+                            first = attempts.get((cid, tagger.version), 1)
+                            await pool.submit(lambda t=tagger, c=conversations[cid], f=first:
+                                              tag_job(t, c, f))
+                by_slot = {t.slot: t for t in targets}
+                for (cid, slot), criteria in judging.items():
+                    await pool.submit(lambda t=by_slot[slot], c=conversations[cid], k=criteria:
+                                      judge_job(t, c, k))
+    finally:
+        await writer.close()
+        for client in [tag_client, *(t.client for t in targets)]:
+            if client is not None and client.cache is not None:
+                client.cache.close()
+    out = counts.as_dict()
+    out["judge_usage"] = judge_usage
+    out["jobs"] = total_jobs
+    out["rows_written"] = dict(writer.rows_written)
+    out["seconds"] = round(time.perf_counter() - started, 3)
+    out["tagger_versions"] = {t.name: t.version for t in taggers}
+    if rubric is not None:
+        out["rubric_version"] = rubric.version
+    if tag_client is not None:
+        out["llm_usage"] = tag_client.usage_summary().get("total", {})
+    return out
+
+
+def tag_shard(shard: dict[str, Any], cfg: TaggingConfig) -> dict[str, Any]:
+    """Run every configured tagger on the shard's conversations that still lack a result."""
+    from tasks.core.llm.client import run_sync
+
+    counts = run_sync(_run(cfg, [shard], do_tags=True, do_judge=False))
+    log.info("tag_shard %s: tagged %s, failed %s, failed attempts %s", shard.get("shard"),
+             counts["tagged"], counts["failed"], counts["failed_attempts"])
+    return {"shard": shard.get("shard"), **counts}
+
+
+def judge_shard(shard: dict[str, Any], cfg: TaggingConfig) -> dict[str, Any]:
+    """Judge the shard's conversations with every enabled judge slot (missing criteria only)."""
+    from tasks.core.llm.client import run_sync
+
+    if not cfg.judges:
+        return {"shard": shard.get("shard"), "judged": {}, "skipped": "no judges enabled"}
+    counts = run_sync(_run(cfg, [shard], do_tags=False, do_judge=True))
+    log.info("judge_shard %s: judged %s, errors %s", shard.get("shard"), counts["judged"],
+             counts["judge_errors"])
+    return {"shard": shard.get("shard"), **counts}
+
+
+def run_tagging(cfg: TaggingConfig, progress: Callable[[int, int], None] | None = None,
+                out_dir: Path | None = None) -> dict[str, Any]:
+    """Plan, tag and judge everything missing in one process, then write statistics.
+
+    `progress(done, total)` is called after every LLM job (the total grows as shards load).
+    """
+    from tasks.core.llm.client import run_sync
+
+    shards = plan_tagging(cfg)
+    counts = run_sync(_run(cfg, shards, do_tags=True, do_judge=bool(cfg.judges),
+                           progress=progress))
+    out_dir = out_dir or get_settings().data_dir / "tagging" / _scope_name(cfg)
+    stats = tagging_stats(cfg, out_dir)
+    return {"shards": len(shards), "run": counts, "stats": stats}
+
+
+def _scope_name(cfg: TaggingConfig) -> str:
+    from tasks.core.ids import stable_id
+
+    return "all" if not cfg.batch_ids else stable_id(*sorted(cfg.batch_ids), length=16)
+
+
+# ---- reading results -----------------------------------------------------------------------------
+def current_tagger_versions(cfg: TaggingConfig | None = None) -> dict[str, str]:
+    """{tagger: version} that a run with `cfg` (default config) writes."""
+    return {t.name: t.version for t in (cfg or TaggingConfig()).build_taggers()}
+
+
+def _current_definitions() -> dict[str, set[str]]:
+    """Definition hashes (template + schema / labels, any model) of the code as it is now."""
+    out: dict[str, set[str]] = {}
+    for name, cls in TAGGERS.items():
+        out[name] = {get_tagger(name, backend).definition_hash
+                     for backend in cls.backends if backend in BACKENDS}
+    return out
+
+
+def latest_tags(
+    session: Session,
+    conversation_ids: list[str],
+    versions: dict[str, str] | None = None,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """{conversation_id: {tagger: output}} from the current tagger versions.
+
+    With `versions` ({tagger: version}) exactly those versions are read. Otherwise, per
+    conversation and tagger, the newest result whose version's template/schema (or label set)
+    matches the current files is used, whichever backend or model wrote it; versions registered
+    with an outdated definition are ignored; results whose version was never registered in
+    `tagger_versions` (written by other tools) are used only when no current one exists.
+    Conversations without any usable result are absent.
+    """
+    ids = list(dict.fromkeys(conversation_ids))
+    if not ids:
+        return {}
+    definitions: dict[str, str] = {}
+    rows: list[tuple[str, str, str, dict[str, Any], Any]] = []
+    for chunk in _chunks(ids, 5000):
+        stmt = select(TagResult.conversation_id, TagResult.tagger, TagResult.tagger_version,
+                      TagResult.output, TagResult.created_at).where(
+            TagResult.conversation_id.in_(chunk))
+        if versions:
+            stmt = stmt.where(TagResult.tagger_version.in_(list(versions.values())))
+        rows.extend(session.execute(stmt).tuples())
+    seen_versions = sorted({r[2] for r in rows})
+    for chunk in _chunks(seen_versions, 5000):
+        definitions.update(session.execute(
+            select(TaggerVersion.version, TaggerVersion.definition_hash)
+            .where(TaggerVersion.version.in_(chunk))).tuples().all())
+    current = _current_definitions() if versions is None else {}
+    best: dict[tuple[str, str], tuple[tuple[int, Any], dict[str, Any]]] = {}
+    for cid, tagger, version, output, created in rows:
+        if versions is not None:
+            if versions.get(tagger) != version:
+                continue
+            rank = 2
+        elif version in definitions:
+            if definitions[version] not in current.get(tagger, set()):
+                continue  # a registered, outdated version
+            rank = 2
+        else:
+            rank = 1
+        key = (rank, created)
+        if (cid, tagger) not in best or key > best[(cid, tagger)][0]:
+            best[(cid, tagger)] = (key, output)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for (cid, tagger), (_, output) in best.items():
+        out.setdefault(cid, {})[tagger] = output
+    return out
+
+
+def tagging_stats(cfg: TaggingConfig, out_dir: Path) -> dict[str, Any]:
+    """Per-batch statistics (see `tasks.tag.stats`), written as JSON + PNG under out_dir."""
+    from tasks.tag.stats import compute_stats
+
+    return compute_stats(cfg, Path(out_dir))
