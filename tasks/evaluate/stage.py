@@ -598,7 +598,8 @@ def _load_model(adapter_dir: Path, base_model: str):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.core.weights import CHATML_TEMPLATE, resolve_dtype
+    from tasks.core.chat_template import CHATML_TEMPLATE
+    from tasks.core.weights import resolve_dtype
     from tasks.register.registry import resolve_base_path
 
     base_path = resolve_base_path(base_model)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.core.chat_template import CHATML_TEMPLATE
 from tasks.train.config import (
     MESSAGE_ROLES,
     AxolotlConfig,
@@ -31,12 +32,6 @@ from tasks.train.config import (
 IGNORE_INDEX = -100
 _SENTINEL = "\u2063tuneloop-sentinel\u2063"
 
-# Minimal ChatML (the same one tasks.core.weights adds to tinycoder), for `chatml` / fallbacks.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
-    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 @dataclass

@@ -65,7 +65,7 @@ def test_trainer_reserves_an_nvidia_gpu(compose):
 def test_init_migrates_airflow_and_tuneloop_and_creates_pools(compose):
     script = "\n".join(compose["services"]["airflow-init"]["command"])
     assert "airflow db migrate" in script
-    assert "tasks.cli migrate" in script
+    assert "tuneloop migrate" in script
     assert "tuneloop_llm" in script and "tuneloop_gpu" in script
 
 

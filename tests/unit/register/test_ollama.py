@@ -91,7 +91,7 @@ def test_out_of_range_parameters_are_refused_with_an_example(tmp_path):
 
 
 def test_default_system_prompt_is_read_from_escaped_and_literal_newlines():
-    from tasks.core.weights import CHATML_TEMPLATE
+    from tasks.core.chat_template import CHATML_TEMPLATE
     from tasks.register.ollama import default_system_prompt
 
     assert default_system_prompt(SMOLLM2_TEMPLATE) == (
