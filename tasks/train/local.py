@@ -19,9 +19,7 @@ import json
 import logging
 import math
 import random
-import shutil
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,23 +34,26 @@ from tasks.train.config import (
     suggest_sequence_len,
 )
 from tasks.train.data import (
-    Batch,
     EncodedRow,
-    collate_packed,
-    collate_padded,
     encode_conversation,
     end_of_turn_marker,
     load_conversations,
-    pack_rows,
     resolve_chat_template,
     split_rows,
+)
+from tasks.train.loop import (
+    STATE_FILENAME,
+    BatchPlan,
+    Optimisation,
+    RunLog,
+    train_loop,
+    write_state,
 )
 
 log = logging.getLogger(__name__)
 
 ADAPTER_DIRNAME = "adapter"
 METRICS_FILENAME = "metrics.json"
-STATE_FILENAME = "trainer_state.json"
 CONFIG_FILENAME = "axolotl.yaml"
 TEMPLATE_FILENAME = "chat_template.jinja"
 
@@ -214,118 +215,61 @@ def _longest(cfg: AxolotlConfig, tokenizer: Any, template: str) -> int:
     return longest
 
 
-class _BatchPlan:
-    """Per-epoch micro-batches: shuffled packed bins, or shuffled rows padded per batch."""
-
-    def __init__(self, rows: Sequence[EncodedRow], cfg: AxolotlConfig, pad_token_id: int,
-                 *, packing: bool) -> None:
-        self.rows = rows
-        self.cfg = cfg
-        self.pad_token_id = pad_token_id
-        self.packing = packing
-        lengths = [len(r) for r in rows]
-        self.units: list[list[int]] = (pack_rows(lengths, cfg.sequence_len) if packing
-                                       else [[i] for i in range(len(rows))])
-
-    @property
-    def micro_batches_per_epoch(self) -> int:
-        return math.ceil(len(self.units) / self.cfg.micro_batch_size) if self.units else 0
-
-    def _width(self, members: list[list[int]]) -> int:
-        if self.cfg.pad_to_sequence_len:
-            return self.cfg.sequence_len
-        return max(sum(len(self.rows[i]) for i in unit) for unit in members)
-
-    def epoch(self, epoch: int, *, shuffle: bool = True) -> Iterator[Batch]:
-        order = list(range(len(self.units)))
-        if shuffle:
-            random.Random(self.cfg.seed + epoch).shuffle(order)
-        size = self.cfg.micro_batch_size
-        for start in range(0, len(order), size):
-            members = [self.units[i] for i in order[start:start + size]]
-            width = self._width(members)
-            if self.packing:
-                yield collate_packed(self.rows, members, pad_token_id=self.pad_token_id,
-                                     width=width)
-            else:
-                yield collate_padded([self.rows[unit[0]] for unit in members],
-                                     pad_token_id=self.pad_token_id, width=width)
-
-
-def _token_loss_sum(model: Any, tensors: dict[str, Any], autocast_dtype: Any) -> tuple[Any, int]:
-    """Summed cross-entropy over trained positions, projecting only those through the LM head."""
-    import torch
-    import torch.nn.functional as F  # noqa: N812
-
-    targets = tensors["targets"]
-    selected = targets != -100
-    n_trained = int(selected.sum())
-    if n_trained == 0:
-        return None, 0
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
-    direct_head = (hasattr(base, "get_decoder") and base.get_output_embeddings() is not None
-                   and not getattr(config, "final_logit_softcapping", None)
-                   and getattr(config, "logit_scale", None) in (None, 1.0))
-    device_type = targets.device.type
-    with torch.autocast(device_type=device_type, dtype=autocast_dtype,
-                        enabled=autocast_dtype is not None):
-        inputs = {"input_ids": tensors["input_ids"], "attention_mask": tensors["attention_mask"],
-                  "position_ids": tensors["position_ids"], "use_cache": False}
-        if direct_head:
-            hidden = base.get_decoder()(**inputs).last_hidden_state
-            logits = base.get_output_embeddings()(hidden[selected])
-        else:  # models that post-process logits (soft-capping, scaling): full forward
-            logits = model(**inputs).logits[selected]
-    loss_sum = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
-    return loss_sum, n_trained
-
-
-def evaluate_loss(model: Any, plan: _BatchPlan, *, device: Any, autocast_dtype: Any,
-                  mask_dtype: Any = None) -> float | None:
-    """Token-mean cross-entropy over the validation rows (None when there are none)."""
-    import torch
-
-    if not plan.units:
-        return None
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for batch in plan.epoch(0, shuffle=False):
-            tensors = batch.to_tensors(device=device, mask_dtype=mask_dtype)
-            loss_sum, n = _token_loss_sum(model, tensors, autocast_dtype)
-            if n:
-                total += float(loss_sum)
-                tokens += n
-    if was_training:
-        model.train()
-    return total / tokens if tokens else None
-
-
-def _write_state(path: Path, *, global_step: int, max_steps: int, log_history: list[dict],
-                 extra: dict | None = None) -> None:
-    state = {"global_step": global_step, "max_steps": max_steps, "log_history": log_history,
-             **(extra or {})}
-    path.write_text(json.dumps(state, indent=2))
-
-
-def _save_checkpoint(model: Any, out: Path, step: int, *, max_steps: int,
-                     log_history: list[dict], keep: int | None) -> Path:
-    checkpoint = out / "checkpoints" / f"checkpoint-{step}"
-    checkpoint.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(checkpoint))
-    _write_state(checkpoint / STATE_FILENAME, global_step=step, max_steps=max_steps,
-                 log_history=log_history)
-    if keep:
-        existing = sorted((out / "checkpoints").glob("checkpoint-*"),
-                          key=lambda p: int(p.name.rsplit("-", 1)[1]))
-        for old in existing[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return checkpoint
-
-
 # ---- the entry point --------------------------------------------------------------------------
+
+
+def _attach_lora(cfg: AxolotlConfig, model_dir: Path, model_dtype: Any):
+    """The base model with a LoRA adapter attached (the only trainable parameters)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        log.warning("load_in_4bit/8bit needs bitsandbytes on CUDA; the local backend trains "
+                    "the same LoRA on an unquantised base model")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=model_dtype,
+                                                 attn_implementation="sdpa")
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear" if cfg.lora_target_linear else list(cfg.lora_target_modules),
+        bias="none", task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise TrainingConfigError(
+            f"LoRA could not attach to {cfg.base_model}: {exc}",
+            fix="set lora_target_modules to module names of this model "
+                "(e.g. [q_proj, k_proj, v_proj, o_proj]) or lora_target_linear: true") from None
+
+
+def _summary_metrics(run: RunLog, step: int, steps_per_epoch: int, train_rows: int,
+                     val_rows: int, eval_loss: float | None) -> dict[str, float]:
+    metrics: dict[str, float] = {
+        "train_loss": run.loss_curve[-1][1],
+        "train_loss_first": run.loss_curve[0][1],
+        "train_loss_mean": sum(v for _, v in run.loss_curve) / len(run.loss_curve),
+        "tokens_per_s": run.real_tokens / run.train_seconds if run.train_seconds else 0.0,
+        "steps": step,
+        "packing_efficiency": run.real_tokens / run.slots if run.slots else 0.0,
+        "train_rows": train_rows,
+        "val_rows": val_rows,
+        "train_tokens": run.real_tokens,
+        "train_runtime_s": run.train_seconds,
+        "train_cpu_s": run.train_cpu_seconds,
+        "tokens_per_cpu_s": (run.real_tokens / run.train_cpu_seconds
+                             if run.train_cpu_seconds else 0.0),
+        "epochs": step / steps_per_epoch if steps_per_epoch else 0.0,
+    }
+    if eval_loss is not None:
+        metrics["eval_loss"] = eval_loss
+        metrics["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
+    return metrics
+
+
 def train_local(
     cfg: AxolotlConfig,
     *,
@@ -338,8 +282,7 @@ def train_local(
     loss diverges to NaN/inf.
     """
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     out = Path(output_dir or cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -360,169 +303,33 @@ def train_local(
     if not train_rows:
         raise TrainingConfigError("no training rows after the validation split",
                                   fix="export more rows or set val_set_size: 0")
-    train_plan = _BatchPlan(train_rows, cfg, pad_token_id, packing=cfg.sample_packing)
+    train_plan = BatchPlan(train_rows, cfg, pad_token_id, packing=cfg.sample_packing)
     eval_packing = cfg.sample_packing if cfg.eval_sample_packing is None else cfg.eval_sample_packing
-    val_plan = _BatchPlan(val_rows, cfg, pad_token_id, packing=eval_packing)
+    val_plan = BatchPlan(val_rows, cfg, pad_token_id, packing=eval_packing)
 
     steps_per_epoch = math.ceil(train_plan.micro_batches_per_epoch / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
 
-    if cfg.load_in_4bit or cfg.load_in_8bit:
-        log.warning("load_in_4bit/8bit needs bitsandbytes on CUDA; the local backend trains "
-                    "the same LoRA on an unquantised base model")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=model_dtype,
-                                                 attn_implementation="sdpa")
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    lora = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules="all-linear" if cfg.lora_target_linear else list(cfg.lora_target_modules),
-        bias="none", task_type="CAUSAL_LM",
-    )
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as exc:
-        raise TrainingConfigError(
-            f"LoRA could not attach to {cfg.base_model}: {exc}",
-            fix="set lora_target_modules to module names of this model "
-                "(e.g. [q_proj, k_proj, v_proj, o_proj]) or lora_target_linear: true") from None
+    model = _attach_lora(cfg, model_dir, model_dtype)
     model.to(device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = _build_optimizer(cfg, trainable)
-    scheduler = _build_scheduler(cfg, optimizer, total_steps)
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-    # A boolean 4-D mask is what SDPA takes directly, in any compute dtype.
-    mask_dtype = None
+    opt = Optimisation(trainable=trainable, optimizer=optimizer,
+                        scheduler=_build_scheduler(cfg, optimizer, total_steps),
+                        scaler=(torch.amp.GradScaler("cuda")
+                                if autocast_dtype == torch.float16 else None))
 
     log.info("local training: %d train / %d val rows, %d steps, packing=%s, device=%s",
              len(train_rows), len(val_rows), total_steps, cfg.sample_packing, device)
-    log_history: list[dict] = []
-    loss_curve: list[tuple[int, float]] = []
-    eval_curve: list[tuple[int, float]] = []
-    real_tokens = slots = 0
-    train_seconds = 0.0
-    # CPU time of this process (all threads): steadier than wall time on a shared machine.
-    train_cpu_seconds = 0.0
-    step = 0
-    epoch = 0
-
-    def micro_batches() -> Iterator[tuple[int, Batch]]:
-        nonlocal epoch
-        while True:
-            produced = False
-            for batch in train_plan.epoch(epoch):
-                produced = True
-                yield epoch, batch
-            epoch += 1
-            if not produced:
-                return
-
-    stream = micro_batches()
-    while step < total_steps:
-        group: list[Batch] = []
-        for _ in range(cfg.gradient_accumulation_steps):
-            item = next(stream, None)
-            if item is None:
-                break
-            group.append(item[1])
-        if not group:
-            break
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        started_cpu = time.process_time()
-        step_tokens = sum(b.trained_tokens for b in group)
-        step_loss = 0.0
-        for batch in group:
-            tensors = batch.to_tensors(device=device, mask_dtype=mask_dtype)
-            loss_sum, n_trained = _token_loss_sum(model, tensors, autocast_dtype)
-            if not n_trained:
-                continue
-            loss = loss_sum / max(1, step_tokens)
-            (scaler.scale(loss) if scaler else loss).backward()
-            step_loss += float(loss.detach())
-        if scaler:
-            scaler.unscale_(optimizer)
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_seconds += time.perf_counter() - started
-        train_cpu_seconds += time.process_time() - started_cpu
-        step += 1
-        real_tokens += sum(b.real_tokens for b in group)
-        slots += sum(b.slots for b in group)
-        if not math.isfinite(step_loss):
-            raise TrainingError(f"training loss became {step_loss} at step {step}",
-                                fix="lower learning_rate (e.g. 1e-4) or set max_grad_norm: 1.0",
-                                step=step)
-        loss_curve.append((step, step_loss))
-        learning_rate = scheduler.get_last_lr()[0]
-        tokens_per_s = real_tokens / train_seconds if train_seconds else 0.0
-        if step % cfg.logging_steps == 0 or step == total_steps:
-            log_history.append({"step": step, "epoch": round(step / max(1, steps_per_epoch), 4),
-                                "loss": step_loss, "learning_rate": learning_rate})
-        if progress:
-            progress({"step": step, "total_steps": total_steps, "loss": step_loss,
-                      "learning_rate": learning_rate, "tokens_per_s": tokens_per_s})
-        if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
-            eval_loss = evaluate_loss(model, val_plan, device=device,
-                                      autocast_dtype=autocast_dtype, mask_dtype=mask_dtype)
-            if eval_loss is not None:
-                eval_curve.append((step, eval_loss))
-                log_history.append({"step": step, "eval_loss": eval_loss})
-                if progress:
-                    progress({"step": step, "eval_loss": eval_loss})
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-            _save_checkpoint(model, out, step, max_steps=total_steps, log_history=log_history,
-                             keep=cfg.save_total_limit)
-
-    eval_loss = evaluate_loss(model, val_plan, device=device, autocast_dtype=autocast_dtype,
-                              mask_dtype=mask_dtype)
-    if eval_loss is not None:
-        eval_curve.append((step, eval_loss))
-        log_history.append({"step": step, "eval_loss": eval_loss})
-        if progress:
-            progress({"step": step, "eval_loss": eval_loss})
-
-    metrics: dict[str, float] = {
-        "train_loss": loss_curve[-1][1],
-        "train_loss_first": loss_curve[0][1],
-        "train_loss_mean": sum(v for _, v in loss_curve) / len(loss_curve),
-        "tokens_per_s": real_tokens / train_seconds if train_seconds else 0.0,
-        "steps": step,
-        "packing_efficiency": real_tokens / slots if slots else 0.0,
-        "train_rows": len(train_rows),
-        "val_rows": len(val_rows),
-        "train_tokens": real_tokens,
-        "train_runtime_s": train_seconds,
-        "train_cpu_s": train_cpu_seconds,
-        "tokens_per_cpu_s": real_tokens / train_cpu_seconds if train_cpu_seconds else 0.0,
-        "epochs": step / steps_per_epoch if steps_per_epoch else 0.0,
-    }
-    if eval_loss is not None:
-        metrics["eval_loss"] = eval_loss
-        metrics["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
-    log_history.append({"step": step, "train_loss": metrics["train_loss_mean"],
-                        "train_runtime": train_seconds,
-                        "train_tokens_per_second": metrics["tokens_per_s"]})
-
-    adapter_dir = out / ADAPTER_DIRNAME
-    model.save_pretrained(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
-    (out / TEMPLATE_FILENAME).write_text(template)
-    config_path = out / CONFIG_FILENAME
-    config_path.write_text(cfg.to_axolotl_yaml())
+    run, step, eval_loss = train_loop(model, cfg, opt, train_plan, val_plan, out, total_steps=total_steps,
+                                       steps_per_epoch=steps_per_epoch, device=device,
+                                       autocast_dtype=autocast_dtype, progress=progress)
+    metrics = _summary_metrics(run, step, steps_per_epoch, len(train_rows), len(val_rows),
+                               eval_loss)
+    run.log_history.append({"step": step, "train_loss": metrics["train_loss_mean"],
+                            "train_runtime": run.train_seconds,
+                            "train_tokens_per_second": metrics["tokens_per_s"]})
     info = {
         "backend": "local",
         "device": str(device),
@@ -533,15 +340,32 @@ def train_local(
         "dataset_hashes": dataset_hashes,
         "dataset_paths": [d.path for d in cfg.datasets],
     }
-    (out / METRICS_FILENAME).write_text(json.dumps({**metrics, **{"info": info}}, indent=2))
-    _write_state(out / STATE_FILENAME, global_step=step, max_steps=total_steps,
-                 log_history=log_history)
+    config_path = _write_outputs(out, model, tokenizer, template, cfg, metrics, info, run,
+                                 step=step, total_steps=total_steps)
     log.info("local training done: %d steps, loss %.4f → %.4f, eval %s, %.0f tokens/s",
              step, metrics["train_loss_first"], metrics["train_loss"],
              f"{eval_loss:.4f}" if eval_loss is not None else "n/a", metrics["tokens_per_s"])
-    return TrainResult(adapter_dir=adapter_dir, metrics=metrics, loss_curve=loss_curve,
-                       eval_curve=eval_curve, config_yaml_path=config_path,
-                       chat_template=template, output_dir=out, info=info)
+    return TrainResult(adapter_dir=out / ADAPTER_DIRNAME, metrics=metrics,
+                       loss_curve=run.loss_curve, eval_curve=run.eval_curve,
+                       config_yaml_path=config_path, chat_template=template, output_dir=out,
+                       info=info)
+
+
+def _write_outputs(out: Path, model, tokenizer, template: str, cfg: AxolotlConfig,
+                   metrics: dict[str, float], info: dict[str, Any], run: RunLog, *,
+                   step: int, total_steps: int) -> Path:
+    """Adapter, tokenizer, chat template, rendered config, metrics and trainer state; returns
+    the config path."""
+    adapter_dir = out / ADAPTER_DIRNAME
+    model.save_pretrained(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    (out / TEMPLATE_FILENAME).write_text(template)
+    config_path = out / CONFIG_FILENAME
+    config_path.write_text(cfg.to_axolotl_yaml())
+    (out / METRICS_FILENAME).write_text(json.dumps({**metrics, **{"info": info}}, indent=2))
+    write_state(out / STATE_FILENAME, global_step=step, max_steps=total_steps,
+                 log_history=run.log_history)
+    return config_path
 
 
 def train_dataset(dataset_path: str, output_dir: str,

@@ -190,13 +190,13 @@ def test_trained_position_loss_equals_full_logits_cross_entropy(tiny_model):
     import torch
     import torch.nn.functional as F  # noqa: N812
 
-    from tasks.train.local import _token_loss_sum
+    from tasks.train.loop import token_loss_sum
 
     model, tokenizer = tiny_model
     rows = _rows(tokenizer)
     t = collate_packed(rows, [[0, 2], [1]], pad_token_id=0, width=96).to_tensors()
     with torch.no_grad():
-        loss_sum, n = _token_loss_sum(model, t, None)
+        loss_sum, n = token_loss_sum(model, t, None)
         logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
                        position_ids=t["position_ids"]).logits
         expected = F.cross_entropy(logits.flatten(0, 1), t["targets"].flatten(),
