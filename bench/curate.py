@@ -43,7 +43,7 @@ TOPICS = ["work_career", "study_learning", "relationships", "health_wellbeing", 
 
 
 def build_rows(n: int, seed: int = 7):
-    from tasks.curate.stage import CandidateRow
+    from tasks.curate.rows import CandidateRow
 
     rng = np.random.default_rng(seed)
     vectors = rng.standard_normal((n, 384)).astype(np.float32)
@@ -143,7 +143,9 @@ def main() -> None:
     parser.add_argument("--no-db", action="store_true", help="skip the Postgres lineage writes")
     args = parser.parse_args()
 
-    from tasks.curate.stage import CurationConfig, TokenCounter, curate_rows
+    from tasks.curate.config import CurationConfig
+    from tasks.curate.stage import curate_rows
+    from tasks.curate.tokens import TokenCounter
 
     t = time.perf_counter()
     rows = build_rows(args.rows)

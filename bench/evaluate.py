@@ -25,12 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tasks.evaluate.stage import (  # noqa: E402
-    LlmEvalJudge,
-    _judge_all,
-    generate_replies,
-    load_scenarios,
-)
+from tasks.evaluate.config import load_scenarios  # noqa: E402
+from tasks.evaluate.judges import LlmEvalJudge, _judge_all  # noqa: E402
+from tasks.evaluate.models import generate_replies  # noqa: E402
 
 
 def bench_generation(model_name: str, max_new_tokens: int, batch_size: int,
@@ -38,7 +35,7 @@ def bench_generation(model_name: str, max_new_tokens: int, batch_size: int,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tasks.core.weights import CHATML_TEMPLATE
-    from tasks.register.registry import resolve_base_path
+    from tasks.register.adapters import resolve_base_path
 
     path = resolve_base_path(model_name)
     tokenizer = AutoTokenizer.from_pretrained(str(path))

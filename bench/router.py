@@ -44,7 +44,7 @@ try:
 except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
     uvloop = None
 
-from serving.router import InteractionLog, interaction_row  # noqa: E402
+from serving.interactions import InteractionLog, interaction_row  # noqa: E402
 from tasks.core.settings import DEFAULT_LOCAL_MODEL  # noqa: E402
 from tests.fakes.fake_openai import FakeOpenAIServer  # noqa: E402
 

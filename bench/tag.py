@@ -133,7 +133,8 @@ def throughput(args: argparse.Namespace) -> None:
     from tasks.core.db.engine import get_engine, migrate, session_scope, upsert
     from tasks.core.db.models import Conversation, GenerationBatch, TagResult
     from tasks.core.llm.client import run_sync
-    from tasks.tag.stage import TaggingConfig, _run, plan_tagging
+    from tasks.tag.config import TaggingConfig
+    from tasks.tag.stage import _run, plan_tagging
 
     try:
         migrate(get_engine())
@@ -196,8 +197,9 @@ def _tokenizer():
 
 
 def tokens(args: argparse.Namespace) -> None:
+    from tasks.judge.rubric import load_rubric
     from tasks.judge.stage import combined_messages as judge_combined
-    from tasks.judge.stage import criterion_messages, load_rubric
+    from tasks.judge.stage import criterion_messages
     from tasks.tag.taggers import ConversationInput, combined_messages, get_tagger
     from tests.fakes.tag_responders import tagging_responder
 

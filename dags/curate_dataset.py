@@ -50,7 +50,7 @@ GATE_TASK_ID = "gate_passed"
 def curate_dataset():
     @task
     def curate(params: dict | None = None) -> dict:
-        from tasks.curate.stage import CurationConfig
+        from tasks.curate.config import CurationConfig
         from tasks.curate.stage import curate as run
 
         return run(CurationConfig.from_params(params))

@@ -70,7 +70,7 @@ def tag_conversations():
 
     @task(pool=LLM_POOL)
     def judge_shard(shard: dict, params: dict | None = None) -> dict:
-        from tasks.judge.stage import judge_shard as run
+        from tasks.tag.stage import judge_shard as run
 
         return run(shard, _config(params))
 
@@ -87,7 +87,7 @@ def tag_conversations():
 
 
 def _config(params: dict):
-    from tasks.tag.stage import TaggingConfig
+    from tasks.tag.config import TaggingConfig
 
     return TaggingConfig.from_params(params)
 

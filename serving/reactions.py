@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.router import JsonInt
+from serving.api_common import BEARER, Rejected, _unauthorized, validated_body
+from serving.openai_schema import _ERRORS, ErrorResponse, JsonInt, error_response
 from tasks.core.ids import stable_id
 
 if TYPE_CHECKING:
@@ -117,16 +118,6 @@ def record_reaction(engine: Any, reaction: ReactionIn, idempotency_key: str | No
 
 def reactions_router(router: Router) -> APIRouter:
     """The /reactions routes bound to one router instance (auth, limits, interaction log)."""
-    from serving.router import (
-        _ERRORS,
-        BEARER,
-        ErrorResponse,
-        Rejected,
-        _unauthorized,
-        error_response,
-        validated_body,
-    )
-
     api = APIRouter(tags=["reactions"])
 
     async def authorized_key(credentials: HTTPAuthorizationCredentials | None = BEARER) -> str:

@@ -163,7 +163,7 @@ def demo_tagging_config(cfg: DemoConfig, batch_id: str) -> Any:
     """Tagging for the demo: emotion/topic/temporal on MiniLM, belief/hallucination heuristic,
     every tagger on every conversation; the rubric judge (a ~2.7k-token prompt each, combined
     mode, one attempt) grades a stable audit sample, which is what 2 CPU cores allow."""
-    from tasks.tag.stage import TaggingConfig
+    from tasks.tag.config import TaggingConfig
 
     base = TaggingConfig.from_params({"classifier_backend": "embedding", "retries": 2,
                                       "judges": ["judge"], "batch_id": batch_id})
@@ -176,7 +176,8 @@ def demo_tagging_config(cfg: DemoConfig, batch_id: str) -> Any:
 
 
 def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
-    from tasks.curate.stage import CurationConfig, curate
+    from tasks.curate.config import CurationConfig
+    from tasks.curate.stage import curate
     from tasks.generate import run_generation
     from tasks.shadow.stage import compare_and_report
     from tasks.tag.stage import run_tagging
@@ -241,7 +242,7 @@ def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
 
     if cfg.evaluate:
         with _step("evaluate base vs tuned (model card)", timings):
-            from tasks.evaluate.stage import LlmEvalJudge
+            from tasks.evaluate.judges import LlmEvalJudge
 
             judge = LlmEvalJudge.for_role("judge", retries=1, max_tokens=256)
             out["evaluation"] = evaluate_registered(registered, max_new_tokens=48,
@@ -261,7 +262,8 @@ def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
 
 
 def _simulate(cfg: DemoConfig) -> dict[str, Any]:
-    from serving.router import RouterConfig, running_router
+    from serving.router import running_router
+    from serving.router_config import RouterConfig
     from tasks.shadow.simulate import simulate_traffic
 
     settings = get_settings()

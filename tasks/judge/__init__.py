@@ -1,3 +1,4 @@
-"""The binary rubric judge: rubric loading, per-criterion or combined judging, verdict scoring and
-agreement. `tasks.judge.stage.judge_shard` is what the tag_conversations DAG calls.
+"""The binary rubric judge: the rubric model (`rubric`), per-criterion or combined judging
+(`stage`) and verdict scoring and agreement (`scoring`). The tag_conversations DAG judges shards
+through `tasks.tag.stage.judge_shard`, which calls `tasks.judge.stage.judge_conversation`.
 """

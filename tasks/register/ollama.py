@@ -233,7 +233,7 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _base_config(base_model: str | Path) -> dict[str, Any]:
-    from tasks.register.registry import resolve_base_path
+    from tasks.register.adapters import resolve_base_path
 
     path = resolve_base_path(str(base_model))
     return json.loads((Path(path) / "config.json").read_text())
@@ -337,7 +337,7 @@ def merge_adapter(adapter_dir: Path | str, base_model: str | Path, out_dir: Path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.register.registry import resolve_base_path
+    from tasks.register.adapters import resolve_base_path
 
     base_path = resolve_base_path(str(base_model))
     model = AutoModelForCausalLM.from_pretrained(str(base_path))
@@ -386,7 +386,7 @@ def convert_merged_to_gguf(merged_dir: Path, out_path: Path) -> dict[str, Any]:
 def shipped_base_gguf(base_model: str) -> Path | None:
     """The GGUF file a pip package ships for a known base name (what Ollama's FROM can use)."""
     from tasks.core.weights import SMOLLM2_NAME, TINYCODER_NAME, smollm2_gguf, tinycoder_gguf
-    from tasks.register.registry import local_base_name
+    from tasks.register.adapters import local_base_name
 
     known = {SMOLLM2_NAME: smollm2_gguf, TINYCODER_NAME: tinycoder_gguf}
     if local_base_name(base_model) in known:
@@ -422,7 +422,7 @@ def export_ollama(
         else:
             from transformers import AutoTokenizer
 
-            from tasks.register.registry import resolve_base_path
+            from tasks.register.adapters import resolve_base_path
 
             chat_template = AutoTokenizer.from_pretrained(
                 str(resolve_base_path(base_model))).chat_template

@@ -33,7 +33,7 @@ def list_adapters(model_name: str | None = None) -> list[dict[str, Any]]:
     """All versions of `model_name` (default: settings.registered_model_name), newest first."""
     from mlflow.exceptions import MlflowException
 
-    from tasks.register.registry import TAG_IS_BASE, _model_name, get_client
+    from tasks.register.tracking import TAG_IS_BASE, _model_name, get_client
 
     client = get_client()
     name = _model_name(model_name)

@@ -25,7 +25,7 @@ import httpx
 
 from tasks.core.ids import stable_id
 from tasks.core.paths import RUBRICS_DIR
-from tasks.shadow.stage import SignalWindows
+from tasks.shadow.config import SignalWindows
 
 log = logging.getLogger(__name__)
 

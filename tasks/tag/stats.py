@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from tasks.core.db.models import Conversation, TagFailure, TagResult
 
 if TYPE_CHECKING:
-    from tasks.tag.stage import TaggingConfig
+    from tasks.tag.config import TaggingConfig
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def _tagger_counts(session: Session, scope: list[Any], name: str, version: str,
 
 def compute_stats(cfg: TaggingConfig, out_dir: Path) -> dict[str, Any]:
     from tasks.core.db.engine import get_engine, session_scope
-    from tasks.judge.stage import judge_agreement, rubric_outcomes
+    from tasks.judge.scoring import judge_agreement, rubric_outcomes
     from tasks.tag.stage import _scope
 
     out_dir.mkdir(parents=True, exist_ok=True)

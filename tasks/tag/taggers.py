@@ -6,7 +6,8 @@ hash of everything that decides its output: template text, output schema JSON, v
 backend and the model. Adding a tagger is one template, one small class and one registry line.
 
 Templates define three blocks: `system` (the tagger's role plus its task), `task` (what to output,
-reused when several taggers share one combined prompt) and `user` (the conversation).
+reused when several taggers share one combined prompt) and `user` (the conversation); they are
+rendered in the shared prompt environment of `tasks.core.prompts` (the judge's too).
 
 `TagResult.score` convention (curation filters on it): emotion → confidence in [0, 1];
 hallucination → hallucination_score in [0, 1]; topic and temporal → confidence; belief →
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from tasks.core.ids import canonical_json, content_hash
 from tasks.core.paths import PROMPTS_DIR, RUBRICS_DIR
+from tasks.core.prompts import MAX_MESSAGE_CHARS, clip_text, jinja_env, render_template
 
 TAGGER_PROMPTS_DIR = PROMPTS_DIR / "taggers"
 LABELS_PATH = RUBRICS_DIR / "labels.yaml"
@@ -34,9 +36,6 @@ BACKENDS = ("llm", "embedding", "heuristic")
 Backend = Literal["llm", "embedding", "heuristic"]
 # Tests point this at an edited copy of include/prompts to simulate a changed template.
 PROMPTS_ROOT = PROMPTS_DIR
-# Long messages are cut in prompts so that one pasted document cannot blow the context window.
-MAX_MESSAGE_CHARS = 2000
-TRUNCATION_MARK = " [...]"
 
 
 class TaggerOutputInvalid(ValueError):
@@ -199,32 +198,6 @@ class Tagger(Protocol):
 
 
 @functools.lru_cache(maxsize=4)
-def _jinja_env(root: str):  # -> jinja2.Environment
-    import jinja2
-
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(root),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=False,
-        autoescape=False,
-    )
-
-
-def render_block(template_name: str, block: str, context: dict[str, Any]) -> str:
-    """Render one block of a template (stripped) — how prompts become message contents."""
-    template = _jinja_env(str(PROMPTS_ROOT)).get_template(template_name)
-    return _render(template, block, context, template_name)
-
-
-def _render(template: Any, block: str, context: dict[str, Any], name: str) -> str:
-    if block not in template.blocks:
-        raise KeyError(f"template {name} has no block {block!r}; it has {sorted(template.blocks)}")
-    return "".join(template.blocks[block](template.new_context(context))).strip()
-
-
-@functools.lru_cache(maxsize=4)
 def _labels_file(path: str, mtime_ns: int) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
 
@@ -233,10 +206,6 @@ def load_labels(path: Path | None = None) -> dict[str, Any]:
     """include/rubrics/labels.yaml (label descriptions + calibration sets), cached by mtime."""
     path = path or LABELS_PATH
     return _labels_file(str(path), path.stat().st_mtime_ns)
-
-
-def _clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    return text if len(text) <= limit else text[: limit - len(TRUNCATION_MARK)] + TRUNCATION_MARK
 
 
 class BaseTagger:
@@ -290,10 +259,10 @@ class BaseTagger:
     def _template(self):  # -> jinja2.Template
         # Compiled from the same text the version hashes, so a file edited mid-run can never
         # render under the old version.
-        return _jinja_env(str(PROMPTS_ROOT)).from_string(self.template_source)
+        return jinja_env(str(PROMPTS_ROOT)).from_string(self.template_source)
 
     def render(self, block: str, context: dict[str, Any]) -> str:
-        return _render(self._template, block, context, self.template_name)
+        return render_template(self._template, block, context, self.template_name)
 
     @property
     def method(self) -> str:
@@ -333,9 +302,9 @@ class BaseTagger:
     # ---- prompts ------------------------------------------------------------------------
     def context(self, conversation: ConversationInput) -> dict[str, Any]:
         return {
-            "messages": [{"role": m["role"], "content": _clip(m["content"])}
+            "messages": [{"role": m["role"], "content": clip_text(m["content"])}
                          for m in conversation.messages],
-            "system_prompt": _clip(conversation.system_prompt),
+            "system_prompt": clip_text(conversation.system_prompt),
             "vocabulary": self.vocabulary(),
         }
 

@@ -154,12 +154,8 @@ def _training_result(prepared: Mapping[str, Any]):
 
 def register_training(prepared: Mapping[str, Any]) -> dict[str, Any]:
     """Log the run to MLflow (once), register a version with alias challenger, stage adapter."""
-    from tasks.register.registry import (
-        load_dataset_ref,
-        log_training_run,
-        materialize_adapter,
-        register_version,
-    )
+    from tasks.register.registry import materialize_adapter, register_version
+    from tasks.register.runs import load_dataset_ref, log_training_run
 
     result = _training_result(prepared)
     record_path = Path(prepared["run_dir"]) / RUN_RECORD

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from tasks.curate.stage import CurationConfig, CurationError
+from tasks.curate.config import CurationConfig, CurationError
 from tasks.signals.stage import SignalConfig, SignalConfigError
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.judge.stage import DEFAULT_RUBRIC_PATH, RubricError, load_rubric, rubric_from_dict
+from tasks.judge.rubric import DEFAULT_RUBRIC_PATH, RubricError, load_rubric, rubric_from_dict
 
 RAW = yaml.safe_load(DEFAULT_RUBRIC_PATH.read_text())
 

@@ -56,7 +56,7 @@ def test_unset_mlflow_uri_gives_registry_capable_sqlite_store(monkeypatch, tmp_p
 
 
 def test_router_rate_limits_come_from_the_environment(monkeypatch):
-    from serving.router import RouterConfig
+    from serving.router_config import RouterConfig
 
     monkeypatch.setenv("TUNELOOP_ROUTER_USER_RATE_LIMIT_PER_S", "5")
     monkeypatch.setenv("TUNELOOP_ROUTER_USER_RATE_LIMIT_BURST", "7")

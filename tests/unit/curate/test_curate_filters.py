@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.curate.stage import (
-    CandidateRow,
-    CurationConfig,
+from tasks.curate.config import CurationConfig
+from tasks.curate.filters import (
     apply_filters,
     assign_splits,
     explain,
@@ -22,6 +21,7 @@ from tasks.curate.stage import (
     filter_words,
     near_duplicates,
 )
+from tasks.curate.rows import CandidateRow
 
 CFG = CurationConfig(tokenizer=None, max_hallucination=0.1, min_emotion_confidence=0.5,
                      max_turns=3, min_words=5, max_words=10, sequence_len=100)

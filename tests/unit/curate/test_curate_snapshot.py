@@ -22,7 +22,8 @@ from tasks.core.db.models import (
 )
 from tasks.core.ids import stable_id
 from tasks.core.settings import get_settings
-from tasks.curate.stage import CurationConfig, curate, explain_exclusion
+from tasks.curate.config import CurationConfig
+from tasks.curate.stage import curate, explain_exclusion
 from tasks.datasets.deid import find_pii
 from tasks.judge.stage import load_rubric
 

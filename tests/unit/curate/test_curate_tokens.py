@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.curate.stage import (
-    CandidateRow,
-    CurationConfig,
-    TokenCounter,
-    apply_filters,
-    measure_rows,
-)
+from tasks.curate.config import CurationConfig
+from tasks.curate.filters import apply_filters
+from tasks.curate.rows import CandidateRow
+from tasks.curate.tokens import TokenCounter, measure_rows
 
 pytestmark = pytest.mark.slow
 

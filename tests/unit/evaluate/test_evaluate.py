@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.evaluate.stage import (
+from tasks.evaluate.scoring import (
     base_model_gate,
     combine_orders,
     elo_expected,
@@ -82,7 +82,7 @@ def test_base_model_gate_bands(rate, band):
 
 def test_scenario_set_covers_the_taxonomy_with_about_15_percent_edge_cases():
     from tasks.core.paths import RUBRICS_DIR
-    from tasks.evaluate.stage import load_scenarios
+    from tasks.evaluate.config import load_scenarios
 
     scenarios = load_scenarios()
     taxonomy = yaml.safe_load((RUBRICS_DIR / "taxonomy.yaml").read_text())
@@ -101,7 +101,7 @@ def test_scenario_set_covers_the_taxonomy_with_about_15_percent_edge_cases():
 
 
 def test_scenario_subset_is_evenly_spread_and_recorded_as_such():
-    from tasks.evaluate.stage import EvaluationError, load_scenarios, subset_scenarios
+    from tasks.evaluate.config import EvaluationError, load_scenarios, subset_scenarios
 
     scenarios = load_scenarios()
     ids = [s.id for s in scenarios.scenarios]
@@ -118,7 +118,7 @@ def test_scenario_subset_is_evenly_spread_and_recorded_as_such():
 
 
 def test_scenario_file_errors_say_the_fix(tmp_path):
-    from tasks.evaluate.stage import EvaluationError, load_scenarios
+    from tasks.evaluate.config import EvaluationError, load_scenarios
 
     bad = tmp_path / "scenarios.yaml"
     bad.write_text(yaml.safe_dump({"scenarios": [{
@@ -153,7 +153,7 @@ def _tiny_rubric():
 
 
 def _tiny_scenarios():
-    from tasks.evaluate.stage import ScenarioSet
+    from tasks.evaluate.config import ScenarioSet
 
     cell = {"topic": "t", "verbosity": "brief", "tone": "neutral", "difficulty": "easy"}
     return ScenarioSet.model_validate({
@@ -195,7 +195,7 @@ Say "tie" only when neither reply is better on the criteria.
 
 
 def test_pairwise_prompt_is_exact_for_a_fixed_input():
-    from tasks.evaluate.stage import render_pairwise_prompt
+    from tasks.evaluate.judges import render_pairwise_prompt
 
     scenarios = _tiny_scenarios()
     prompt = render_pairwise_prompt(_tiny_rubric(), scenarios, scenarios.scenarios[0],
@@ -204,7 +204,7 @@ def test_pairwise_prompt_is_exact_for_a_fixed_input():
 
 
 def test_pairwise_replies_are_parsed_or_become_recorded_failures():
-    from tasks.evaluate.stage import JudgeFailure, parse_pairwise_winner
+    from tasks.evaluate.judges import JudgeFailure, parse_pairwise_winner
 
     assert parse_pairwise_winner('{"winner": "b", "reason": "x"}') == "B"
     assert parse_pairwise_winner('Sure.\n```json\n{"winner": "Tie."}\n```') == "tie"
@@ -265,7 +265,7 @@ def judge_endpoint(monkeypatch):
 
 
 def test_both_orders_over_http_turn_position_bias_into_ties(judge_endpoint):
-    from tasks.evaluate.stage import LlmEvalJudge, judge_scenarios, summarise_rubric
+    from tasks.evaluate.judges import LlmEvalJudge, judge_scenarios, summarise_rubric
 
     server = judge_endpoint(first_position_judge)
     scenarios, rubric = _tiny_scenarios(), _tiny_rubric()
@@ -282,7 +282,7 @@ def test_both_orders_over_http_turn_position_bias_into_ties(judge_endpoint):
 
 
 def test_a_consistent_judge_decides_pairs_and_grades_replies(judge_endpoint):
-    from tasks.evaluate.stage import LlmEvalJudge, judge_scenarios, summarise_rubric
+    from tasks.evaluate.judges import LlmEvalJudge, judge_scenarios, summarise_rubric
 
     judge_endpoint(rule_judge)
     scenarios, rubric = _tiny_scenarios(), _tiny_rubric()
@@ -327,7 +327,7 @@ def tiny():
 
 
 def test_labels_cover_exactly_the_assistant_turns(tiny):
-    from tasks.evaluate.stage import assistant_labels
+    from tasks.evaluate.models import assistant_labels
 
     _, tokenizer, _ = tiny
     ids, labels = assistant_labels(tokenizer, MULTI_TURN)
@@ -347,7 +347,7 @@ def tuned_on_val(tiny, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tasks.evaluate.stage import assistant_labels
+    from tasks.evaluate.models import assistant_labels
 
     path, tokenizer, _ = tiny
     torch.manual_seed(0)
@@ -379,7 +379,7 @@ def tuned_on_val(tiny, tmp_path_factory):
 def test_perplexity_of_an_adapter_tuned_on_val_is_lower_than_base(tiny, tuned_on_val):
     from peft import PeftModel
 
-    from tasks.evaluate.stage import perplexity, read_conversations
+    from tasks.evaluate.models import perplexity, read_conversations
 
     _, tokenizer, base = tiny
     adapter, val = tuned_on_val

@@ -9,8 +9,10 @@ from sqlalchemy import select
 
 from tasks.core.db.engine import session_scope, upsert
 from tasks.core.db.models import Conversation, GenerationBatch, Judgment, RubricVersion
-from tasks.judge.stage import judge_agreement, judge_shard, load_rubric, rubric_outcomes
-from tasks.tag.stage import TaggingConfig, plan_tagging, tagging_stats
+from tasks.judge.rubric import load_rubric
+from tasks.judge.scoring import judge_agreement, rubric_outcomes
+from tasks.tag.config import TaggingConfig
+from tasks.tag.stage import judge_shard, plan_tagging, tagging_stats
 from tests.fakes.fake_openai import FakeOpenAIServer
 from tests.fakes.tag_responders import garbage_responder, tagging_responder
 

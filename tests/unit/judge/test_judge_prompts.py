@@ -6,14 +6,13 @@ import json
 
 import pytest
 
+from tasks.judge.rubric import load_rubric, rubric_from_dict
 from tasks.judge.stage import (
     JudgeOutputInvalid,
     combined_messages,
     criterion_messages,
-    load_rubric,
     parse_combined_verdicts,
     parse_criterion_verdict,
-    rubric_from_dict,
 )
 
 MESSAGES = [{"role": "user", "content": "Hello there"},

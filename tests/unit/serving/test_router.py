@@ -12,17 +12,10 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from serving.router import (
-    BackendConfig,
-    RouterConfig,
-    RouterServer,
-    SSEText,
-    TokenBucketLimiter,
-    choose_variant,
-    create_router_app,
-    hash_user,
-    user_bucket,
-)
+from serving.openai_schema import SSEText
+from serving.router import RouterServer, create_router_app
+from serving.router_config import BackendConfig, RouterConfig
+from serving.routing import TokenBucketLimiter, choose_variant, hash_user, user_bucket
 from tasks.core.db.engine import session_scope
 from tasks.core.db.models import Interaction, Reaction
 from tasks.shadow.stage import deploy_challenger, end_deployment
@@ -665,7 +658,7 @@ def test_a_stream_whose_client_left_before_the_first_chunk_still_closes_and_logs
 
     from starlette.requests import ClientDisconnect
 
-    from serving.router import _ClosingStream
+    from serving.proxy import _ClosingStream
 
     started, closed = [], []
 

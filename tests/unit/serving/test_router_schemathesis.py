@@ -11,7 +11,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from serving.router import BackendConfig, RouterConfig, create_router_app
+from serving.router import create_router_app
+from serving.router_config import BackendConfig, RouterConfig
 from tests.fakes.fake_openai import FakeOpenAIServer
 
 API_KEY = "schemathesis-key"

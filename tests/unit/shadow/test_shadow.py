@@ -15,29 +15,23 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from serving.router import (
-    BackendConfig,
-    RouterConfig,
-    RouterServer,
-    StateResolver,
-    create_router_app,
-)
+from serving.router import RouterServer, create_router_app
+from serving.router_config import BackendConfig, RouterConfig
+from serving.routing import StateResolver
 from tasks.core.db.engine import session_scope, upsert
 from tasks.core.db.models import ComparisonReport, Deployment, Interaction, Reaction
 from tasks.core.ids import stable_id
 from tasks.core.llm import LLMClient
 from tasks.core.settings import Endpoint
+from tasks.shadow.compare import compare_variants, decide
+from tasks.shadow.config import ShadowError, SignalWindows
+from tasks.shadow.pairwise import combine_orders
+from tasks.shadow.report import write_report
 from tasks.shadow.stage import (
-    ShadowError,
-    SignalWindows,
     apply_decision,
-    combine_orders,
     compare_and_report,
-    compare_variants,
-    decide,
     deploy_challenger,
     end_deployment,
-    write_report,
 )
 from tests.fakes.fake_openai import FakeOpenAIServer
 
@@ -304,7 +298,7 @@ def test_error_rate_guard_rolls_back_even_without_reactions():
     (9, 1, 0, "keep_collecting"),  # significant but fewer than min_samples judged pairs
 ])
 def test_mirror_decision_rule(wins, losses, ties, expected):
-    from tasks.shadow.stage import pairwise_summary
+    from tasks.shadow.pairwise import pairwise_summary
 
     outcomes = ["challenger"] * wins + ["champion"] * losses + ["tie"] * ties
     decision, _ = decide("mirror", None, None, pairwise_summary(outcomes), min_samples=100,

@@ -8,9 +8,12 @@ import uuid
 
 import pytest
 
-from serving.router import BackendConfig, RouterConfig, RouterServer, create_router_app
+from serving.router import RouterServer, create_router_app
+from serving.router_config import BackendConfig, RouterConfig
+from tasks.shadow.compare import compare_variants
+from tasks.shadow.config import SignalWindows
 from tasks.shadow.simulate import plan_reaction, simulate_traffic, taxonomy_prompts
-from tasks.shadow.stage import SignalWindows, compare_variants, deploy_challenger
+from tasks.shadow.stage import deploy_challenger
 from tests.fakes.fake_openai import FakeOpenAIServer
 
 API_KEY = "sim-key"

@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.core.settings import get_settings
-from tasks.tag.stage import TaggingConfig, current_tagger_versions
+from tasks.tag.config import TaggingConfig
+from tasks.tag.stage import current_tagger_versions
 
 
 @pytest.fixture(autouse=True)

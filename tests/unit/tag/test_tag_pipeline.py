@@ -13,7 +13,8 @@ from tasks.core.db.engine import session_scope, upsert
 from tasks.core.db.models import Conversation, GenerationBatch, TagFailure, TagResult
 from tasks.core.paths import PROMPTS_DIR
 from tasks.tag import taggers as taggers_module
-from tasks.tag.stage import TaggingConfig, latest_tags, plan_tagging, run_tagging, tag_shard
+from tasks.tag.config import TaggingConfig
+from tasks.tag.stage import latest_tags, plan_tagging, run_tagging, tag_shard
 from tests.fakes.fake_openai import FakeOpenAIServer
 from tests.fakes.tag_responders import FlakyResponder, garbage_responder, tagging_responder
 

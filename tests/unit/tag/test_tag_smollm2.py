@@ -15,7 +15,8 @@ from sqlalchemy import select
 from tasks.core.db.engine import session_scope, upsert
 from tasks.core.db.models import Conversation, GenerationBatch, TagFailure, TagResult
 from tasks.core.weights import SMOLLM2_NAME
-from tasks.tag.stage import TaggingConfig, tag_shard
+from tasks.tag.config import TaggingConfig
+from tasks.tag.stage import tag_shard
 
 pytestmark = pytest.mark.slow
 

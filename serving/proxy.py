@@ -1,0 +1,213 @@
+"""Forwarding one chat request to its backend: `_complete` (JSON) and `_stream` (SSE passed
+through chunk by chunk) try the chosen variant, fall back to the champion when the challenger
+fails (logging the failed attempt as its own row), write the interaction row, start the mirror
+copy, and answer with the interaction id, variant and version headers; `_ClosingStream` makes
+sure a stream is logged and its backend released however it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from fastapi.responses import Response, StreamingResponse
+
+from serving.interactions import interaction_row
+from serving.openai_schema import SSEText, completion_text, error_response
+from serving.routing import RoutingState
+from serving.upstream import BackendUnavailable, UpstreamResponse, UpstreamStream
+from tasks.core.ids import stable_id
+
+if TYPE_CHECKING:
+    from serving.router import Router
+
+log = logging.getLogger("serving.router")  # the router's one log, as before the split
+
+
+HEADER_INTERACTION = "X-Interaction-Id"
+HEADER_VARIANT = "X-Tuneloop-Variant"
+HEADER_VERSION = "X-Tuneloop-Model-Version"
+
+
+def _response_headers(interaction_id: str, variant: str, version: str | None) -> dict[str, str]:
+    headers = {HEADER_INTERACTION: interaction_id, HEADER_VARIANT: variant}
+    if version:
+        headers[HEADER_VERSION] = version
+    return headers
+
+
+def _backend_failed(response: UpstreamResponse | UpstreamStream | None,
+                    exc: Exception | None) -> bool:
+    return exc is not None or (response is not None and response.status_code >= 500)
+
+
+def _log_failed_attempt(router: Router, state: RoutingState, row_base: dict[str, Any],
+                        variant: str, model: str, detail: str, started: float) -> None:
+    """A challenger attempt that failed before the champion answered in its place gets its own
+    `backend_error` row (id derived from the served interaction's, which its context names), so
+    the challenger's error rate counts it and the shadow report's error guard can roll back."""
+    router.log.submit(interaction_row(
+        **{**row_base, "id": stable_id(row_base["id"], "failed-attempt", variant),
+           "context": {**row_base["context"], "fallback_to": row_base["id"]}},
+        variant=variant, model_name=model, model_version=state.versions[variant],
+        latency_ms=(time.perf_counter() - started) * 1000.0, status="backend_error",
+        error=detail[:2000]))
+
+
+async def _complete(router: Router, state: RoutingState, variant: str, payload: dict[str, Any],
+                    row_base: dict[str, Any], started: float, mirror: bool) -> Response:
+    """Non-streaming: forward, fall back to the champion if the challenger fails, log, answer."""
+    response: UpstreamResponse | None = None
+    error: BackendUnavailable | None = None
+    for attempt_variant in ((variant, "champion") if variant == "challenger" else (variant,)):
+        payload["model"] = state.backend_models[attempt_variant]
+        response, error = None, None
+        try:
+            response = await router.post_json(attempt_variant, payload)
+        except BackendUnavailable as exc:
+            error = exc
+        if not _backend_failed(response, error):
+            if attempt_variant != variant:
+                row_base["context"]["fallback_from"] = variant
+            variant = attempt_variant
+            break
+        detail = str(error) if error else f"HTTP {response.status_code if response else '?'}"
+        log.warning("router: %s backend failed (%s)", attempt_variant, detail)
+        if attempt_variant != "champion":
+            _log_failed_attempt(router, state, row_base, attempt_variant, payload["model"],
+                                detail, started)
+    latency_ms = (time.perf_counter() - started) * 1000.0
+    row = interaction_row(**row_base, variant=variant, model_name=payload["model"],
+                          model_version=state.versions[variant], latency_ms=latency_ms)
+    headers = _response_headers(row["id"], variant, state.versions[variant])
+    if response is None or response.status_code >= 500:
+        detail = str(error) if error else f"HTTP {response.status_code}"
+        row.update(status="backend_error", error=detail[:2000])
+        router.log.submit(row)
+        timed_out = error is not None and error.timed_out
+        return error_response(504 if timed_out else 502, f"backend {variant} failed: {detail}",
+                              type_="api_error", code="backend_error", headers=headers)
+    if response.status_code >= 400:
+        row.update(status="rejected", error=response.text[:2000])
+        router.log.submit(row)
+        return Response(response.content, status_code=response.status_code,
+                        media_type="application/json", headers=headers)
+    try:
+        data = response.json()
+    except ValueError:
+        row.update(status="backend_error", error="backend returned invalid JSON")
+        router.log.submit(row)
+        return error_response(502, f"backend {variant} returned invalid JSON", type_="api_error",
+                              code="backend_error", headers=headers)
+    row["response"] = completion_text(data)
+    router.log.submit(row)
+    if mirror:
+        router.start_mirror(payload=payload, parent_id=row["id"], user_hash=row["user_hash"],
+                            state=state, context=row_base["context"],
+                            messages=row_base["request_messages"])
+    if isinstance(data, dict):
+        data["interaction_id"] = row["id"]
+    return Response(json.dumps(data).encode(), media_type="application/json", headers=headers)
+
+
+async def _stream(router: Router, state: RoutingState, variant: str, payload: dict[str, Any],
+                  row_base: dict[str, Any], started: float, mirror: bool) -> Response:
+    """Streaming: open the backend stream (falling back before the first byte), pass it through."""
+    upstream: UpstreamStream | None = None
+    error: BackendUnavailable | None = None
+    for attempt_variant in ((variant, "champion") if variant == "challenger" else (variant,)):
+        payload["model"] = state.backend_models[attempt_variant]
+        upstream, error = None, None
+        try:
+            upstream = await router.open_stream(attempt_variant, payload)
+        except BackendUnavailable as exc:
+            error = exc
+        if not _backend_failed(upstream, error):
+            if attempt_variant != variant:
+                row_base["context"]["fallback_from"] = variant
+            variant = attempt_variant
+            break
+        if upstream is not None:
+            await upstream.aclose()
+        if attempt_variant != "champion":
+            detail = str(error) if error else f"HTTP {upstream.status_code if upstream else '?'}"
+            _log_failed_attempt(router, state, row_base, attempt_variant, payload["model"],
+                                detail, started)
+    row = interaction_row(**row_base, variant=variant, model_name=payload["model"],
+                          model_version=state.versions[variant])
+    headers = _response_headers(row["id"], variant, state.versions[variant])
+    if upstream is None or upstream.status_code >= 400:
+        if upstream is not None and upstream.status_code < 500:
+            body = await upstream.aread()
+            await upstream.aclose()
+            row.update(status="rejected", error=body[:2000].decode(errors="replace"),
+                       latency_ms=(time.perf_counter() - started) * 1000.0)
+            router.log.submit(row)
+            return Response(body, status_code=upstream.status_code,
+                            media_type="application/json", headers=headers)
+        detail = str(error) if error else (
+            f"HTTP {upstream.status_code}" if upstream is not None else "no response")
+        row.update(status="backend_error", error=detail[:2000],
+                   latency_ms=(time.perf_counter() - started) * 1000.0)
+        router.log.submit(row)
+        timed_out = error is not None and error.timed_out
+        return error_response(504 if timed_out else 502, f"backend {variant} failed: {detail}",
+                              type_="api_error", code="backend_error", headers=headers)
+    if mirror:
+        router.start_mirror(payload=payload, parent_id=row["id"], user_hash=row["user_hash"],
+                            state=state, context=row_base["context"],
+                            messages=row_base["request_messages"])
+
+    text = SSEText()
+    logged = False
+
+    def log_once(status: str, error_text: str | None) -> None:
+        nonlocal logged
+        if not logged:
+            logged = True
+            row.update(response=text.text, status=status, error=error_text,
+                       latency_ms=(time.perf_counter() - started) * 1000.0)
+            router.log.submit(row)
+
+    async def passthrough() -> AsyncIterator[bytes]:
+        status, error_text = "client_disconnected", None
+        try:
+            async for chunk in upstream.aiter_raw():
+                if row["ttft_ms"] is None:
+                    row["ttft_ms"] = (time.perf_counter() - started) * 1000.0
+                text.feed(chunk)
+                yield chunk
+            status = "ok"
+        except BackendUnavailable as exc:
+            status, error_text = "backend_error", str(exc)
+        finally:
+            log_once(status, error_text)
+            await upstream.aclose()
+
+    async def closed() -> None:
+        # A client gone before the body generator first ran never enters its `finally`.
+        log_once("client_disconnected", None)
+        await upstream.aclose()
+
+    return _ClosingStream(passthrough(), closed, media_type="text/event-stream",
+                          headers={**headers, "Cache-Control": "no-cache"})
+
+
+class _ClosingStream(StreamingResponse):
+    """A StreamingResponse that always runs `on_close` once it is over, however it ended
+    (finished, client gone before the first chunk, task cancelled)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Any, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
