@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tasks.evaluate.config import load_scenarios  # noqa: E402
-from tasks.evaluate.judges import LlmEvalJudge, _judge_all  # noqa: E402
+from tasks.evaluate.judges import LlmEvalJudge, judge_all  # noqa: E402
 from tasks.evaluate.models import generate_replies  # noqa: E402
 
 
@@ -65,11 +65,11 @@ def bench_generation(model_name: str, max_new_tokens: int, batch_size: int,
 
 
 async def _sequential(judge: LlmEvalJudge, rubric, scenarios, base, tuned):
-    # Same requests as _judge_all, awaited one scenario at a time.
+    # Same requests as judge_all, awaited one scenario at a time.
     results = []
     for index, scenario in enumerate(scenarios.scenarios):
         single = scenarios.model_copy(update={"scenarios": [scenario]})
-        results += await _judge_all(judge, rubric, single, [base[index]], [tuned[index]])
+        results += await judge_all(judge, rubric, single, [base[index]], [tuned[index]])
     return results
 
 
@@ -92,7 +92,7 @@ def bench_judging(latency_s: float) -> None:
                                 retries=1)
 
         start = time.perf_counter()
-        concurrent = run_sync(_judge_all(judge(), rubric, scenarios, base, tuned))
+        concurrent = run_sync(judge_all(judge(), rubric, scenarios, base, tuned))
         concurrent_s = time.perf_counter() - start
         requests_concurrent = server.stats()["total"]
         start = time.perf_counter()

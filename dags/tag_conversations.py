@@ -10,7 +10,7 @@ current tagger/rubric version, so reruns and template changes re-tag only what i
 * Failed attempts are recorded in `tag_failures` with the raw output; nothing crashes a batch.
 * Emits `tuneloop://postgres/tag_results`, which schedules **curate_dataset**.
 
-Logic: `tasks/tag/stage.py`, `tasks/judge/stage.py` · prompts: `include/prompts/taggers/`,
+Logic: `tasks/tag/stage.py` (taggers and judge shards), `tasks/judge/` · prompts: `include/prompts/taggers/`,
 `include/prompts/judge/` · rubric: `include/rubrics/rubric.yaml`.
 """
 

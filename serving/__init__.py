@@ -1,9 +1,11 @@
-"""Serving: the local OpenAI-compatible model server and the router in front of it.
+"""Long-running services; they import `tasks.core` only, never a stage (import-linter checks it).
 
-- `serving.generation`: `ChatModel`, SmolLM2 (transformers) + PEFT LoRA adapters selected by
-  model name, with a token loop that honours temperature/top_p/max_tokens/stop/seed.
-- `serving.model_server`: the FastAPI app (`create_app`), `serve()` and
-  `running_model_server()`; `python -m serving.model_server` starts it.
+- Model server: `serving.model_server` (the FastAPI app, `serve()`, `running_model_server()`;
+  `tuneloop serve-model` starts it) over `serving.generation.ChatModel` (SmolLM2 + PEFT LoRA
+  adapters from `serving.adapters`, continuous batching in `serving.batching`).
+- Router: `serving.router` (`tuneloop serve-router`): champion/challenger routing
+  (`serving.routing`), backends (`serving.upstream`, `serving.proxy`), the interaction log
+  (`serving.interactions`) and the reactions API (`serving.reactions`).
 
 Nothing is imported here so that `import serving.<module>` stays cheap.
 """

@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     router_port: int = DEFAULT_ROUTER_PORT
     router_api_key: SecretStr = SecretStr("tuneloop-dev-key")
     # Router backends (default: the local model server) and how versions are named on them:
-    # a preset (local | vllm | ollama | openai) or a format string, see serving.router.
+    # a preset (local | vllm | ollama | openai) or a format string, see serving.router_config.
     router_champion_base_url: str | None = None
     router_challenger_base_url: str | None = None
     router_model_template: str = "local"

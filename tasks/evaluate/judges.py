@@ -186,7 +186,7 @@ async def _compare(judge: EvalJudge, prompt: str) -> dict[str, Any]:
         return {"ok": False, "failure": exc.reason, "raw": (exc.raw or "")[:2000]}
 
 
-async def _judge_all(judge: EvalJudge, rubric, scenarios: ScenarioSet,
+async def judge_all(judge: EvalJudge, rubric, scenarios: ScenarioSet,
                      base_replies: Sequence[str], tuned_replies: Sequence[str]
                      ) -> list[ScenarioResult]:
     results = [
@@ -221,7 +221,7 @@ def judge_scenarios(judge: EvalJudge, rubric, scenarios: ScenarioSet,
     """Rubric-grade both replies and compare them in both orders, for every scenario."""
     from tasks.core.llm.client import run_sync
 
-    return run_sync(_judge_all(judge, rubric, scenarios, base_replies, tuned_replies))
+    return run_sync(judge_all(judge, rubric, scenarios, base_replies, tuned_replies))
 
 
 def summarise_rubric(results: Sequence[ScenarioResult], model: str, rubric) -> dict[str, Any]:

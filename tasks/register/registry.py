@@ -38,11 +38,11 @@ from tasks.register.tracking import (
     TAG_KIND,
     TAG_RUN_ID,
     RegistryError,
-    _model_name,
-    _slug,
     ensure_experiment,
     get_client,
     git_sha,
+    registered_model_name,
+    slug,
     tracking_uri,
 )
 
@@ -91,7 +91,7 @@ def register_version(
     from mlflow.exceptions import MlflowException
 
     client = get_client()
-    name = _model_name(model_name)
+    name = registered_model_name(model_name)
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
@@ -152,7 +152,7 @@ def ensure_champion(model_name: str | None = None, *, base_model: str | None = N
     import tempfile
 
     client = get_client()
-    name = _model_name(model_name)
+    name = registered_model_name(model_name)
     _ensure_registered_model(client, name)
     current = get_alias_version(name, CHAMPION)
     if current is not None:
@@ -194,7 +194,7 @@ def ensure_champion(model_name: str | None = None, *, base_model: str | None = N
 def set_alias(model_name: str | None, alias: str, version: str | int) -> None:
     """Point `alias` (champion / challenger / any) at `version`."""
     client = get_client()
-    name = _model_name(model_name)
+    name = registered_model_name(model_name)
     client.set_registered_model_alias(name, alias, str(version))
 
 
@@ -204,7 +204,7 @@ def get_alias_version(model_name: str | None, alias: str) -> str | None:
 
     client = get_client()
     try:
-        return str(client.get_model_version_by_alias(_model_name(model_name), alias).version)
+        return str(client.get_model_version_by_alias(registered_model_name(model_name), alias).version)
     except MlflowException:
         return None
 
@@ -214,7 +214,7 @@ def get_version_info(version: str | int, *, model_name: str | None = None) -> di
     from mlflow.exceptions import MlflowException
 
     client = get_client()
-    name = _model_name(model_name)
+    name = registered_model_name(model_name)
     try:
         mv = client.get_model_version(name, str(version))
     except MlflowException as exc:
@@ -231,7 +231,7 @@ def get_version_info(version: str | int, *, model_name: str | None = None) -> di
 
 
 def adapter_cache_dir(version: str | int, model_name: str | None = None) -> Path:
-    return get_settings().data_dir / "adapters" / f"{_slug(_model_name(model_name))}-v{version}"
+    return get_settings().data_dir / "adapters" / f"{slug(registered_model_name(model_name))}-v{version}"
 
 
 def materialize_adapter(version: str | int, *, model_name: str | None = None) -> Path | None:

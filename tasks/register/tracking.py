@@ -65,7 +65,7 @@ def get_client():  # -> mlflow.MlflowClient
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _slug(value: str) -> str:
+def slug(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", value).strip("-") or "default"
 
 
@@ -77,7 +77,7 @@ def ensure_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
         return existing.experiment_id
     artifact_location = None
     if _is_local_store(tracking_uri()):
-        root = get_settings().mlflow_artifact_root / _slug(name)
+        root = get_settings().mlflow_artifact_root / slug(name)
         root.mkdir(parents=True, exist_ok=True)
         artifact_location = root.as_uri()
     try:
@@ -89,7 +89,7 @@ def ensure_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
         return existing.experiment_id
 
 
-def _model_name(model_name: str | None) -> str:
+def registered_model_name(model_name: str | None) -> str:
     return model_name or get_settings().registered_model_name
 
 

@@ -33,10 +33,10 @@ def list_adapters(model_name: str | None = None) -> list[dict[str, Any]]:
     """All versions of `model_name` (default: settings.registered_model_name), newest first."""
     from mlflow.exceptions import MlflowException
 
-    from tasks.register.tracking import TAG_IS_BASE, _model_name, get_client
+    from tasks.register.tracking import TAG_IS_BASE, get_client, registered_model_name
 
     client = get_client()
-    name = _model_name(model_name)
+    name = registered_model_name(model_name)
     try:
         versions = list(client.search_model_versions(f"name = '{name}'"))
         # Search results carry no aliases; the registered model has the alias → version map.

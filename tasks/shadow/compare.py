@@ -27,7 +27,7 @@ from tasks.shadow.config import (
     ShadowError,
     SignalWindows,
 )
-from tasks.shadow.deployments import _engine, _load_deployment
+from tasks.shadow.deployments import load_deployment, shadow_engine
 from tasks.shadow.pairwise import judge_pairs, pairwise_summary
 from tasks.shadow.stats import two_proportion_ztest, wilson_interval
 
@@ -232,7 +232,7 @@ def compare_variants(
         windows = SignalWindows()
     elif isinstance(windows, dict):
         windows = SignalWindows(**windows)
-    eng = _engine(engine)
+    eng = shadow_engine(engine)
     with session_scope(eng) as session:
         dep = _deployment_row(session, deployment_id, model_name)
         raw = _variant_counts(session, dep["id"], windows)
@@ -274,7 +274,7 @@ def compare_variants(
 def _deployment_row(session: Any, deployment_id: str | None,
                     model_name: str | None) -> dict[str, Any]:
     """The deployment compared (by id, else the model's active one) as a plain dict."""
-    deployment = _load_deployment(session, deployment_id, model_name)
+    deployment = load_deployment(session, deployment_id, model_name)
     if deployment is None:
         raise ShadowError("no active deployment; deploy a challenger first "
                           "(tasks.shadow.stage.deploy_challenger)")

@@ -1,7 +1,7 @@
 """Deployment rows: the deterministic deployment id (from model, versions, mode and share), the
 generation rule that gives a redeployment of an ended configuration a fresh id, and the lookup of
 a deployment by id or of a model's active one. The entry points that write the rows
-(`deploy_challenger`, `end_deployment`) live in `tasks.shadow.stage`; `_engine` (the given
+(`deploy_challenger`, `end_deployment`) live in `tasks.shadow.stage`; `shadow_engine` (the given
 engine or the configured one) is shared by the modules of this package.
 """
 
@@ -14,7 +14,7 @@ from tasks.core.settings import get_settings
 from tasks.shadow.config import ShadowError
 
 
-def _engine(engine: Any = None) -> Any:
+def shadow_engine(engine: Any = None) -> Any:
     if engine is not None:
         return engine
     from tasks.core.db.engine import get_engine
@@ -28,7 +28,7 @@ def deployment_id_for(model_name: str, champion_version: str | None, challenger_
                      challenger_version, mode, f"{share:.6f}")
 
 
-def _generation_id(session: Any, base_id: str) -> str:
+def generation_id(session: Any, base_id: str) -> str:
     """The id this deployment gets: `base_id` the first time and while it is active (a rerun is
     a no-op); once that one has ended, a fresh id per redeployment, so the new period's
     comparison starts empty instead of mixing in the ended period's traffic."""
@@ -43,7 +43,7 @@ def _generation_id(session: Any, base_id: str) -> str:
         candidate = stable_id(base_id, "redeployed", generation)
 
 
-def _load_deployment(session: Any, deployment_id: str | None, model_name: str | None) -> Any:
+def load_deployment(session: Any, deployment_id: str | None, model_name: str | None) -> Any:
     from sqlalchemy import select
 
     from tasks.core.db.models import Deployment

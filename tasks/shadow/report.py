@@ -2,7 +2,7 @@
 files, matplotlib Agg: rates with Wilson intervals, dwell histograms, pairwise outcomes) and the
 report as JSON, logs them to an MLflow run in the experiment "shadow-reports" (one run per report
 id, reused on a rerun) and stores a `comparison_reports` row with the report's URI. It also
-holds `_mlflow_client`, the tracking/registry client the stage's alias moves share.
+holds `mlflow_client`, the tracking/registry client the stage's alias moves share.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from typing import Any
 
 from tasks.core.settings import get_settings
 from tasks.shadow.config import CHALLENGER, CHAMPION, DWELL_BIN_LABELS
-from tasks.shadow.deployments import _engine
+from tasks.shadow.deployments import shadow_engine
 
 log = logging.getLogger(__name__)
 
 REPORT_EXPERIMENT = "shadow-reports"
 
 
-def _mlflow_client(tracking_uri: str | None = None) -> Any:
+def mlflow_client(tracking_uri: str | None = None) -> Any:
     from mlflow import MlflowClient
 
     uri = tracking_uri or get_settings().resolved_mlflow_tracking_uri
@@ -186,7 +186,7 @@ def _log_to_mlflow(report: dict[str, Any], files: list[Path],
     from mlflow.entities import Metric, Param, RunTag
 
     uri = tracking_uri or get_settings().resolved_mlflow_tracking_uri
-    client = _mlflow_client(uri)
+    client = mlflow_client(uri)
     experiment_id = _experiment_id(client, uri)
     found = client.search_runs([experiment_id],
                                filter_string=f"tags.report_id = '{report['report_id']}'",
@@ -245,7 +245,7 @@ def write_report_files(report: dict[str, Any], out_dir: Path | str, *,
     if log_to_mlflow:
         run_id, report_uri = _log_to_mlflow(report, [page, data, *charts.values()],
                                             tracking_uri)
-    with session_scope(_engine(engine)) as session:
+    with session_scope(shadow_engine(engine)) as session:
         upsert(session, ComparisonReport, [{
             "id": report["report_id"], "deployment_id": report["deployment_id"],
             "metrics": json.loads(json.dumps(report, default=str)),

@@ -24,8 +24,8 @@ from tasks.shadow.config import (
     ShadowError,
     SignalWindows,
 )
-from tasks.shadow.deployments import _engine, _generation_id, deployment_id_for
-from tasks.shadow.report import _mlflow_client, write_report_files
+from tasks.shadow.deployments import deployment_id_for, generation_id, shadow_engine
+from tasks.shadow.report import mlflow_client, write_report_files
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ def deploy_challenger(
             path = materialize_adapter(version, model_name=name)
             adapters[variant] = str(path) if path is not None else None
 
-    with session_scope(_engine(engine)) as session:
-        deployment_id = _generation_id(session, base_id)
+    with session_scope(shadow_engine(engine)) as session:
+        deployment_id = generation_id(session, base_id)
         ended = list(session.execute(
             select(Deployment.id).where(Deployment.model_name == name,
                                         Deployment.active.is_(True),
@@ -124,7 +124,7 @@ def end_deployment(deployment_id: str, *, engine: Any = None) -> bool:
     from tasks.core.db.engine import session_scope
     from tasks.core.db.models import Deployment
 
-    with session_scope(_engine(engine)) as session:
+    with session_scope(shadow_engine(engine)) as session:
         result = session.execute(
             update(Deployment).where(Deployment.id == deployment_id, Deployment.active.is_(True))
             .values(active=False, ended_at=datetime.now(UTC))
@@ -197,7 +197,7 @@ def apply_decision(report: dict[str, Any], enabled: bool, *, tracking_uri: str |
         return out
     name = report["model_name"]
     challenger = str(report["challenger_version"])
-    client = _mlflow_client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     current_champion = _alias_version(client, name, CHAMPION)
     expected = report.get("champion_version")
     already_promoted = decision == "promote" and current_champion == challenger
@@ -229,6 +229,6 @@ def _mark_applied(report_id: str | None, engine: Any) -> None:
     from tasks.core.db.engine import session_scope
     from tasks.core.db.models import ComparisonReport
 
-    with session_scope(_engine(engine)) as session:
+    with session_scope(shadow_engine(engine)) as session:
         session.execute(update(ComparisonReport).where(ComparisonReport.id == report_id)
                         .values(applied=True))
