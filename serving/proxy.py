@@ -117,6 +117,26 @@ async def _complete(router: Router, state: RoutingState, variant: str, payload: 
 async def _stream(router: Router, state: RoutingState, variant: str, payload: dict[str, Any],
                   row_base: dict[str, Any], started: float, mirror: bool) -> Response:
     """Streaming: open the backend stream (falling back before the first byte), pass it through."""
+    variant, upstream, error = await _open_stream(router, state, variant, payload, row_base,
+                                                  started)
+    row = interaction_row(**row_base, variant=variant, model_name=payload["model"],
+                          model_version=state.versions[variant])
+    headers = _response_headers(row["id"], variant, state.versions[variant])
+    if upstream is None or upstream.status_code >= 400:
+        return await _stream_failed(router, row, headers, variant, upstream, error, started)
+    if mirror:
+        router.start_mirror(payload=payload, parent_id=row["id"], user_hash=row["user_hash"],
+                            state=state, context=row_base["context"],
+                            messages=row_base["request_messages"])
+    return _relay(router, row, headers, upstream, started)
+
+
+async def _open_stream(router: Router, state: RoutingState, variant: str,
+                       payload: dict[str, Any], row_base: dict[str, Any], started: float,
+                       ) -> tuple[str, UpstreamStream | None, BackendUnavailable | None]:
+    """Open the chosen variant's stream, falling back to the champion when the challenger fails
+    (its failed attempt logged); the variant that answered (the chosen one when all failed),
+    the last stream opened and the last error."""
     upstream: UpstreamStream | None = None
     error: BackendUnavailable | None = None
     for attempt_variant in ((variant, "champion") if variant == "challenger" else (variant,)):
@@ -137,31 +157,36 @@ async def _stream(router: Router, state: RoutingState, variant: str, payload: di
             detail = str(error) if error else f"HTTP {upstream.status_code if upstream else '?'}"
             _log_failed_attempt(router, state, row_base, attempt_variant, payload["model"],
                                 detail, started)
-    row = interaction_row(**row_base, variant=variant, model_name=payload["model"],
-                          model_version=state.versions[variant])
-    headers = _response_headers(row["id"], variant, state.versions[variant])
-    if upstream is None or upstream.status_code >= 400:
-        if upstream is not None and upstream.status_code < 500:
-            body = await upstream.aread()
-            await upstream.aclose()
-            row.update(status="rejected", error=body[:2000].decode(errors="replace"),
-                       latency_ms=(time.perf_counter() - started) * 1000.0)
-            router.log.submit(row)
-            return Response(body, status_code=upstream.status_code,
-                            media_type="application/json", headers=headers)
-        detail = str(error) if error else (
-            f"HTTP {upstream.status_code}" if upstream is not None else "no response")
-        row.update(status="backend_error", error=detail[:2000],
+    return variant, upstream, error
+
+
+async def _stream_failed(router: Router, row: dict[str, Any], headers: dict[str, str],
+                         variant: str, upstream: UpstreamStream | None,
+                         error: BackendUnavailable | None, started: float) -> Response:
+    """No stream to pass through: a 4xx from the backend is logged as rejected and relayed; no
+    answer or a 5xx is logged as a backend error and answered 502 (504 on a timeout)."""
+    if upstream is not None and upstream.status_code < 500:
+        body = await upstream.aread()
+        await upstream.aclose()
+        row.update(status="rejected", error=body[:2000].decode(errors="replace"),
                    latency_ms=(time.perf_counter() - started) * 1000.0)
         router.log.submit(row)
-        timed_out = error is not None and error.timed_out
-        return error_response(504 if timed_out else 502, f"backend {variant} failed: {detail}",
-                              type_="api_error", code="backend_error", headers=headers)
-    if mirror:
-        router.start_mirror(payload=payload, parent_id=row["id"], user_hash=row["user_hash"],
-                            state=state, context=row_base["context"],
-                            messages=row_base["request_messages"])
+        return Response(body, status_code=upstream.status_code,
+                        media_type="application/json", headers=headers)
+    detail = str(error) if error else (
+        f"HTTP {upstream.status_code}" if upstream is not None else "no response")
+    row.update(status="backend_error", error=detail[:2000],
+               latency_ms=(time.perf_counter() - started) * 1000.0)
+    router.log.submit(row)
+    timed_out = error is not None and error.timed_out
+    return error_response(504 if timed_out else 502, f"backend {variant} failed: {detail}",
+                          type_="api_error", code="backend_error", headers=headers)
 
+
+def _relay(router: Router, row: dict[str, Any], headers: dict[str, str],
+           upstream: UpstreamStream, started: float) -> Response:
+    """Pass the open stream through chunk by chunk; the row (response text, time to first
+    token, final status) is logged exactly once, and the backend released, however it ends."""
     text = SSEText()
     logged = False
 

@@ -289,6 +289,60 @@ class _RouterApp(FastAPI):
         await response(scope, receive, send)
 
 
+async def _chat_completions(router: Router, request: Request) -> Any:
+    """POST /v1/chat/completions: authenticate, validate, rate-limit, route, forward."""
+    # The hot path reads headers and validates the body itself: FastAPI's per-request
+    # parameter resolution cost about a third of the router's CPU per request. The OpenAPI
+    # document still describes the body and headers (_CHAT_OPENAPI).
+    started = time.perf_counter()
+    headers = request.headers
+    key_id = router.authenticate_header(headers.get("authorization"))
+    if key_id is None:
+        return _unauthorized()
+    data, body = await validated_body(request, ChatCompletionRequest)
+    try:
+        x_user_id = _header(headers, "x-user-id", 256)
+        x_request_id = _header(headers, "x-request-id", 200)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]) from None
+    user_id = body.user or x_user_id
+    user_hash = hash_user(user_id if user_id else f"anon:{_random_id()}", router._salt)
+    limited = router.rate_limited(key_id, user_hash if user_id else None)
+    if limited is not None:
+        return limited
+    public_model = router.config.public_model
+    if body.model != public_model:
+        return error_response(
+            404, f"The model {body.model!r} does not exist; use {public_model!r}",
+            param="model", code="model_not_found")
+
+    state = router.resolver.state
+    variant = choose_variant(user_hash, state.mode, state.share)
+    interaction_id = (stable_id("interaction", key_id, x_request_id) if x_request_id
+                      else _random_id())
+    payload = dict(data)  # passed through as sent (unknown OpenAI fields included)
+    payload.pop("user", None)  # never forward the raw user id to a backend
+    if body.max_tokens is not None:
+        payload["max_tokens"] = body.max_tokens  # 256.0 → 256
+    messages = payload["messages"]
+    context: dict[str, Any] = {
+        "mode": state.mode, "share": state.share, "bucket": round(user_bucket(user_hash), 6),
+        "params": {k: v for k, v in payload.items()
+                   if k not in ("model", "messages", "metadata", "stream")},
+    }
+    if body.metadata:
+        context["metadata"] = body.metadata
+    row_base = {"id": interaction_id, "user_hash": user_hash,
+                "deployment_id": state.deployment_id, "request_messages": messages,
+                "context": context, "stream": body.stream}
+    # Mirror copies the requests of users below `share` (share 1.0: every request).
+    mirror = state.mode == "mirror" and user_bucket(user_hash) < state.share
+    if body.stream:
+        return await _stream(router, state, variant, payload, row_base, started, mirror)
+    return await _complete(router, state, variant, payload, row_base, started, mirror)
+
+
 def create_router_app(config: RouterConfig | None = None, *, engine: Any = None) -> FastAPI:
     """The router app. `engine`: a SQLAlchemy engine (default: from config.database_url)."""
     config = config or RouterConfig.from_settings()
@@ -353,55 +407,7 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
         openapi_extra=_CHAT_OPENAPI,
     )
     async def chat_completions(request: Request) -> Any:
-        # The hot path reads headers and validates the body itself: FastAPI's per-request
-        # parameter resolution cost about a third of the router's CPU per request. The OpenAPI
-        # document still describes the body and headers (_CHAT_OPENAPI).
-        started = time.perf_counter()
-        headers = request.headers
-        key_id = router.authenticate_header(headers.get("authorization"))
-        if key_id is None:
-            return _unauthorized()
-        data, body = await validated_body(request, ChatCompletionRequest)
-        try:
-            x_user_id = _header(headers, "x-user-id", 256)
-            x_request_id = _header(headers, "x-request-id", 200)
-        except ValidationError as exc:
-            raise RequestValidationError(
-                [{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]) from None
-        user_id = body.user or x_user_id
-        user_hash = hash_user(user_id if user_id else f"anon:{_random_id()}", router._salt)
-        limited = router.rate_limited(key_id, user_hash if user_id else None)
-        if limited is not None:
-            return limited
-        if body.model != config.public_model:
-            return error_response(
-                404, f"The model {body.model!r} does not exist; use {config.public_model!r}",
-                param="model", code="model_not_found")
-
-        state = router.resolver.state
-        variant = choose_variant(user_hash, state.mode, state.share)
-        interaction_id = (stable_id("interaction", key_id, x_request_id) if x_request_id
-                          else _random_id())
-        payload = dict(data)  # passed through as sent (unknown OpenAI fields included)
-        payload.pop("user", None)  # never forward the raw user id to a backend
-        if body.max_tokens is not None:
-            payload["max_tokens"] = body.max_tokens  # 256.0 → 256
-        messages = payload["messages"]
-        context: dict[str, Any] = {
-            "mode": state.mode, "share": state.share, "bucket": round(user_bucket(user_hash), 6),
-            "params": {k: v for k, v in payload.items()
-                       if k not in ("model", "messages", "metadata", "stream")},
-        }
-        if body.metadata:
-            context["metadata"] = body.metadata
-        row_base = {"id": interaction_id, "user_hash": user_hash,
-                    "deployment_id": state.deployment_id, "request_messages": messages,
-                    "context": context, "stream": body.stream}
-        # Mirror copies the requests of users below `share` (share 1.0: every request).
-        mirror = state.mode == "mirror" and user_bucket(user_hash) < state.share
-        if body.stream:
-            return await _stream(router, state, variant, payload, row_base, started, mirror)
-        return await _complete(router, state, variant, payload, row_base, started, mirror)
+        return await _chat_completions(router, request)
 
     @app.get("/", include_in_schema=False)
     async def root() -> dict[str, str]:

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
@@ -42,6 +42,9 @@ from tasks.tag.taggers import (
     UnknownTagger,
     get_tagger,
 )
+
+if TYPE_CHECKING:
+    from tasks.tag.runner import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -203,65 +206,104 @@ def _llm_client(cfg: TaggingConfig, role: str):
                      timeout_s=cfg.timeout_s, cache=cache)
 
 
-async def _run(
-    cfg: TaggingConfig,
-    shards: Sequence[dict[str, Any]],
-    *,
-    do_tags: bool,
-    do_judge: bool,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
-    """Tag and/or judge the given shards with one worker pool (no tail between shards)."""
-    from tasks.core.db.engine import session_scope
-    from tasks.tag.embedding import EmbeddingTagger, embed_conversations
-    from tasks.tag.heuristic import HeuristicTagger
-    from tasks.tag.runner import (
-        BatchWriter,
-        RunCounts,
-        WorkerPool,
-        result_row,
-        tag_with_llm,
-    )
-
-    started = time.perf_counter()
-    engine = _engine()
-    taggers = cfg.build_taggers() if do_tags else []
-    llm_taggers = [t for t in taggers if t.backend == "llm"]
-    rubric = cfg.rubric() if do_judge and cfg.judges else None
-    counts = RunCounts()
-    writer = BatchWriter(engine)
-    tag_client = _llm_client(cfg, "tagger") if llm_taggers else None
+def _judge_targets(cfg: TaggingConfig) -> list[JudgeTarget]:
+    """One `JudgeTarget` per enabled judge slot; warns when every slot hits the same model."""
     targets: list[JudgeTarget] = []
-    if rubric is not None:
-        for slot in cfg.judges:
-            endpoint = cfg.endpoint(slot)
-            targets.append(JudgeTarget(slot, _llm_client(cfg, slot), endpoint.label()))
-        labels = {t.label for t in targets}
-        if len(targets) > 1 and len(labels) == 1:
-            log.warning("both judge slots use %s; agreement will be trivially high — point "
-                        "judge2 at another endpoint/model (TUNELOOP_JUDGE2_BASE_URL/MODEL)",
-                        next(iter(labels)))
-    with session_scope(engine) as session:
-        if taggers:
-            _register_versions(session, taggers)
-        if rubric is not None:
-            store_rubric(session, rubric)
+    for slot in cfg.judges:
+        endpoint = cfg.endpoint(slot)
+        targets.append(JudgeTarget(slot, _llm_client(cfg, slot), endpoint.label()))
+    labels = {t.label for t in targets}
+    if len(targets) > 1 and len(labels) == 1:
+        log.warning("both judge slots use %s; agreement will be trivially high — point "
+                    "judge2 at another endpoint/model (TUNELOOP_JUDGE2_BASE_URL/MODEL)",
+                    next(iter(labels)))
+    return targets
 
-    total_jobs = 0
-    done_jobs = 0
-    judge_usage: dict[str, int] = {}
 
-    def tick() -> None:
-        nonlocal done_jobs
-        done_jobs += 1
-        if progress is not None:
-            progress(done_jobs, total_jobs)
+def _embedding_rows(taggers: Sequence[BaseTagger], conversations: dict[str, ConversationInput],
+                    missing: dict[str, list[BaseTagger]]) -> list[dict[str, Any]]:
+    """Embedding taggers' result rows (one embed call for the shard)."""
+    from tasks.tag.embedding import EmbeddingTagger, embed_conversations
+    from tasks.tag.runner import result_row
 
-    def load(shard: dict[str, Any]) -> tuple[dict[str, ConversationInput],
-                                             dict[str, list[BaseTagger]],
-                                             dict[tuple[str, str], int],
-                                             dict[tuple[str, str], list[str]]]:
-        with session_scope(engine) as session:
+    rows: list[dict[str, Any]] = []
+    embedding = [t for t in taggers if isinstance(t, EmbeddingTagger)]
+    need = [cid for cid in missing if any(isinstance(t, EmbeddingTagger)
+                                          for t in missing[cid])]
+    if embedding and need:
+        embedded = dict(zip(need, embed_conversations([conversations[c] for c in need]),
+                            strict=True))
+        for cid in need:
+            for tagger in missing[cid]:
+                if isinstance(tagger, EmbeddingTagger):
+                    rows.append(result_row(cid, tagger, tagger.tag_embedded(embedded[cid]),
+                                           attempts=1))
+    return rows
+
+
+def _local_backends(taggers: Sequence[BaseTagger], conversations: dict[str, ConversationInput],
+                    missing: dict[str, list[BaseTagger]]) -> list[dict[str, Any]]:
+    """Embedding and heuristic taggers: CPU work, run on a thread (one embed call/shard)."""
+    from tasks.tag.heuristic import HeuristicTagger
+    from tasks.tag.runner import result_row
+
+    rows = _embedding_rows(taggers, conversations, missing)
+    for cid, pending in missing.items():
+        for tagger in pending:
+            if isinstance(tagger, HeuristicTagger):
+                rows.append(result_row(cid, tagger, tagger.tag(conversations[cid]),
+                                       attempts=1))
+    return rows
+
+
+class _Run:
+    """One tag/judge run: its taggers, judge targets, writer, counters and progress."""
+
+    def __init__(self, cfg: TaggingConfig, *, do_tags: bool, do_judge: bool,
+                 progress: Callable[[int, int], None] | None) -> None:
+        # Imported up front (not on first use) so a missing dependency fails before any write.
+        import tasks.tag.embedding  # noqa: F401
+        import tasks.tag.heuristic  # noqa: F401
+        from tasks.tag.runner import BatchWriter, RunCounts
+
+        self.cfg = cfg
+        self.progress = progress
+        self.started = time.perf_counter()
+        self.engine = _engine()
+        self.taggers = cfg.build_taggers() if do_tags else []
+        self.llm_taggers = [t for t in self.taggers if t.backend == "llm"]
+        self.rubric = cfg.rubric() if do_judge and cfg.judges else None
+        self.counts = RunCounts()
+        self.writer = BatchWriter(self.engine)
+        self.tag_client = _llm_client(cfg, "tagger") if self.llm_taggers else None
+        self.targets = _judge_targets(cfg) if self.rubric is not None else []
+        self.total_jobs = 0
+        self.done_jobs = 0
+        self.judge_usage: dict[str, int] = {}
+
+    def register(self) -> None:
+        """Register the tagger versions and store the rubric before any result is written."""
+        from tasks.core.db.engine import session_scope
+
+        with session_scope(self.engine) as session:
+            if self.taggers:
+                _register_versions(session, self.taggers)
+            if self.rubric is not None:
+                store_rubric(session, self.rubric)
+
+    def tick(self) -> None:
+        self.done_jobs += 1
+        if self.progress is not None:
+            self.progress(self.done_jobs, self.total_jobs)
+
+    def load(self, shard: dict[str, Any]) -> tuple[dict[str, ConversationInput],
+                                                   dict[str, list[BaseTagger]],
+                                                   dict[tuple[str, str], int],
+                                                   dict[tuple[str, str], list[str]]]:
+        from tasks.core.db.engine import session_scope
+
+        cfg, taggers, llm_taggers, rubric = self.cfg, self.taggers, self.llm_taggers, self.rubric
+        with session_scope(self.engine) as session:
             ids = _shard_ids(session, shard, cfg)
             missing = _missing_tag_pairs(session, ids, taggers) if taggers else {}
             attempts = _next_attempts(session, list(missing), llm_taggers) if llm_taggers else {}
@@ -272,87 +314,96 @@ async def _run(
             conversations = _conversations(session, [i for i in ids if i in wanted])
         return conversations, missing, attempts, judging
 
-    def local_backends(conversations: dict[str, ConversationInput],
-                       missing: dict[str, list[BaseTagger]]) -> list[dict[str, Any]]:
-        """Embedding and heuristic taggers: CPU work, run on a thread (one embed call/shard)."""
-        rows: list[dict[str, Any]] = []
-        embedding = [t for t in taggers if isinstance(t, EmbeddingTagger)]
-        need = [cid for cid in missing if any(isinstance(t, EmbeddingTagger)
-                                              for t in missing[cid])]
-        if embedding and need:
-            embedded = dict(zip(need, embed_conversations([conversations[c] for c in need]),
-                                strict=True))
-            for cid in need:
-                for tagger in missing[cid]:
-                    if isinstance(tagger, EmbeddingTagger):
-                        rows.append(result_row(cid, tagger, tagger.tag_embedded(embedded[cid]),
-                                               attempts=1))
-        for cid, pending in missing.items():
-            for tagger in pending:
-                if isinstance(tagger, HeuristicTagger):
-                    rows.append(result_row(cid, tagger, tagger.tag(conversations[cid]),
-                                           attempts=1))
-        return rows
-
-    async def judge_job(target: JudgeTarget, conversation: ConversationInput,
+    async def judge_job(self, target: JudgeTarget, conversation: ConversationInput,
                         criteria: list[str]) -> None:
+        cfg, counts = self.cfg, self.counts
         rows, used = await judge_conversation(
-            target, rubric, conversation.id, conversation.messages, criteria,
+            target, self.rubric, conversation.id, conversation.messages, criteria,
             mode=cfg.judge_mode, retries=cfg.judge_retries, max_tokens=cfg.max_tokens,
             system_prompt=conversation.system_prompt)
         for row in rows:
-            writer.add("judgments", row)
+            self.writer.add("judgments", row)
             if row["verdict"] == "ERROR":
                 counts.judge_errors[target.slot] += 1
             else:
                 counts.judged[target.slot] += 1
         counts.judge_failed_attempts[target.slot] += used["failed_attempts"]
         for key in ("prompt_tokens", "completion_tokens"):
-            judge_usage[key] = judge_usage.get(key, 0) + used[key]
-        tick()
+            self.judge_usage[key] = self.judge_usage.get(key, 0) + used[key]
+        self.tick()
 
-    async def tag_job(tagger: BaseTagger, conversation: ConversationInput, first: int) -> None:
-        await tag_with_llm(tag_client, tagger, conversation, writer, counts,
-                           retries=cfg.retries, first_attempt=first, max_tokens=cfg.max_tokens)
-        tick()
+    async def tag_job(self, tagger: BaseTagger, conversation: ConversationInput,
+                      first: int) -> None:
+        from tasks.tag.runner import tag_with_llm
 
-    await writer.start()
-    try:
-        async with WorkerPool(cfg.max_in_flight) as pool:
-            for shard in shards:
-                conversations, missing, attempts, judging = await asyncio.to_thread(load, shard)
-                total_jobs += (sum(1 for pending in missing.values() for t in pending
-                                   if t.backend == "llm") + len(judging))
-                local_rows = await asyncio.to_thread(local_backends, conversations, missing)
-                for row in local_rows:
-                    writer.add("tag_results", row)
-                    counts.tagged[row["tagger"]] += 1
-                for cid, pending in missing.items():
-                    for tagger in pending:
-                        if tagger.backend == "llm":
-                            first = attempts.get((cid, tagger.version), 1)
-                            await pool.submit(lambda t=tagger, c=conversations[cid], f=first:
-                                              tag_job(t, c, f))
-                by_slot = {t.slot: t for t in targets}
-                for (cid, slot), criteria in judging.items():
-                    await pool.submit(lambda t=by_slot[slot], c=conversations[cid], k=criteria:
-                                      judge_job(t, c, k))
-    finally:
-        await writer.close()
-        for client in [tag_client, *(t.client for t in targets)]:
-            if client is not None and client.cache is not None:
-                client.cache.close()
-    out = counts.as_dict()
-    out["judge_usage"] = judge_usage
-    out["jobs"] = total_jobs
-    out["rows_written"] = dict(writer.rows_written)
-    out["seconds"] = round(time.perf_counter() - started, 3)
-    out["tagger_versions"] = {t.name: t.version for t in taggers}
-    if rubric is not None:
-        out["rubric_version"] = rubric.version
-    if tag_client is not None:
-        out["llm_usage"] = tag_client.usage_summary().get("total", {})
-    return out
+        await tag_with_llm(self.tag_client, tagger, conversation, self.writer, self.counts,
+                           retries=self.cfg.retries, first_attempt=first,
+                           max_tokens=self.cfg.max_tokens)
+        self.tick()
+
+    async def run_shard(self, pool: WorkerPool, shard: dict[str, Any]) -> None:
+        """Load one shard, write its local-backend rows and queue its LLM and judge jobs."""
+        conversations, missing, attempts, judging = await asyncio.to_thread(self.load, shard)
+        self.total_jobs += (sum(1 for pending in missing.values() for t in pending
+                                if t.backend == "llm") + len(judging))
+        local_rows = await asyncio.to_thread(_local_backends, self.taggers, conversations,
+                                             missing)
+        for row in local_rows:
+            self.writer.add("tag_results", row)
+            self.counts.tagged[row["tagger"]] += 1
+        for cid, pending in missing.items():
+            for tagger in pending:
+                if tagger.backend == "llm":
+                    first = attempts.get((cid, tagger.version), 1)
+                    await pool.submit(lambda t=tagger, c=conversations[cid], f=first:
+                                      self.tag_job(t, c, f))
+        by_slot = {t.slot: t for t in self.targets}
+        for (cid, slot), criteria in judging.items():
+            await pool.submit(lambda t=by_slot[slot], c=conversations[cid], k=criteria:
+                              self.judge_job(t, c, k))
+
+    async def execute(self, shards: Sequence[dict[str, Any]]) -> None:
+        """All shards through one worker pool; closes the writer and the LLM caches."""
+        from tasks.tag.runner import WorkerPool
+
+        await self.writer.start()
+        try:
+            async with WorkerPool(self.cfg.max_in_flight) as pool:
+                for shard in shards:
+                    await self.run_shard(pool, shard)
+        finally:
+            await self.writer.close()
+            for client in [self.tag_client, *(t.client for t in self.targets)]:
+                if client is not None and client.cache is not None:
+                    client.cache.close()
+
+    def summary(self) -> dict[str, Any]:
+        out = self.counts.as_dict()
+        out["judge_usage"] = self.judge_usage
+        out["jobs"] = self.total_jobs
+        out["rows_written"] = dict(self.writer.rows_written)
+        out["seconds"] = round(time.perf_counter() - self.started, 3)
+        out["tagger_versions"] = {t.name: t.version for t in self.taggers}
+        if self.rubric is not None:
+            out["rubric_version"] = self.rubric.version
+        if self.tag_client is not None:
+            out["llm_usage"] = self.tag_client.usage_summary().get("total", {})
+        return out
+
+
+async def _run(
+    cfg: TaggingConfig,
+    shards: Sequence[dict[str, Any]],
+    *,
+    do_tags: bool,
+    do_judge: bool,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Tag and/or judge the given shards with one worker pool (no tail between shards)."""
+    run = _Run(cfg, do_tags=do_tags, do_judge=do_judge, progress=progress)
+    run.register()
+    await run.execute(shards)
+    return run.summary()
 
 
 def tag_shard(shard: dict[str, Any], cfg: TaggingConfig) -> dict[str, Any]:
