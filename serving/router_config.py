@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, SecretStr, field_validator, model_validator
 
+from tasks.core.configs import http_url
 from tasks.core.settings import DEFAULT_LOCAL_MODEL, Settings, get_settings
 
 VARIANTS = ("champion", "challenger")
@@ -52,11 +53,7 @@ class BackendConfig(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError(
-                f"base_url {value!r} is not an http(s) URL; use e.g. http://127.0.0.1:8300/v1"
-            )
-        return value.rstrip("/")
+        return http_url(value, "http://127.0.0.1:8300/v1")
 
     @field_validator("model_template")
     @classmethod

@@ -12,6 +12,13 @@ from pydantic import BaseModel, ValidationError
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
+def http_url(value: str, example: str) -> str:
+    """`value` without its trailing slash, if it is an http(s) URL; else the error with `example`."""
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"base_url {value!r} is not an http(s) URL; use e.g. {example}")
+    return value.rstrip("/")
+
+
 def validation_lines(exc: ValidationError) -> list[str]:
     return [f"{'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg']}" for e in exc.errors()]
 

@@ -16,6 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tasks.core.configs import http_url
+
 LLM_ROLES = ("generator", "user_sim", "tagger", "judge", "judge2")
 LlmRole = Literal["generator", "user_sim", "tagger", "judge", "judge2"]
 
@@ -40,12 +42,7 @@ class Endpoint(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError(
-                f"base_url {value!r} is not an http(s) URL; "
-                "use e.g. http://127.0.0.1:8300/v1 or https://api.openai.com/v1"
-            )
-        return value.rstrip("/")
+        return http_url(value, "http://127.0.0.1:8300/v1 or https://api.openai.com/v1")
 
     @field_validator("max_concurrency")
     @classmethod
