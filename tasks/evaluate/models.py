@@ -189,10 +189,9 @@ def load_model(adapter_dir: Path, base_model: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tasks.core.chat_template import CHATML_TEMPLATE
-    from tasks.core.weights import resolve_dtype
-    from tasks.register.registry import resolve_base_path
+    from tasks.core.weights import resolve_base_model, resolve_dtype
 
-    base_path = resolve_base_path(base_model)
+    base_path = resolve_base_model(base_model)
     tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if not tokenizer.chat_template:

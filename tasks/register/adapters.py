@@ -2,8 +2,8 @@
 
 `stage_adapter` copies only a PEFT adapter's files out of a trainer's output folder (never full
 model weights, optimizer or RNG state, checkpoints or GGUF exports), refusing a folder that holds
-no adapter so a base model can never be registered by mistake; `resolve_base_path` maps a short
-name, hub id or folder to the local base-model weights that adapters are applied to.
+no adapter so a base model can never be registered by mistake. Base-model weights are found by
+`tasks.core.weights.resolve_base_model` (the one resolver).
 """
 
 from __future__ import annotations
@@ -77,17 +77,3 @@ def stage_adapter(adapter_dir: Path, out_dir: Path) -> list[str]:
     return copied
 
 
-def local_base_name(base_model: str) -> str:
-    """The pip-shipped short name for a base (maps Hugging Face ids the trainer config uses)."""
-    try:
-        from tasks.train.config import local_model_name
-    except ImportError:  # trainer package absent: names are already local
-        return base_model
-    return local_model_name(base_model)
-
-
-def resolve_base_path(base_model: str) -> Path:
-    """A local folder with the base model's weights, for a short name, hub id or folder."""
-    from tasks.core.weights import resolve_base_model
-
-    return resolve_base_model(local_base_name(base_model))

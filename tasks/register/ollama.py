@@ -28,6 +28,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks.core.weights import (
+    resolve_base_model,
+    shipped_base_gguf,
+)
+
 log = logging.getLogger(__name__)
 
 CHATML_STOP_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -233,9 +238,7 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _base_config(base_model: str | Path) -> dict[str, Any]:
-    from tasks.register.adapters import resolve_base_path
-
-    path = resolve_base_path(str(base_model))
+    path = resolve_base_model(str(base_model))
     return json.loads((Path(path) / "config.json").read_text())
 
 
@@ -337,9 +340,7 @@ def merge_adapter(adapter_dir: Path | str, base_model: str | Path, out_dir: Path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.register.adapters import resolve_base_path
-
-    base_path = resolve_base_path(str(base_model))
+    base_path = resolve_base_model(str(base_model))
     model = AutoModelForCausalLM.from_pretrained(str(base_path))
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     out = Path(out_dir)
@@ -383,19 +384,6 @@ def convert_merged_to_gguf(merged_dir: Path, out_path: Path) -> dict[str, Any]:
 
 # ---- one-call export ---------------------------------------------------------------------------
 
-def shipped_base_gguf(base_model: str) -> Path | None:
-    """The GGUF file a pip package ships for a known base name (what Ollama's FROM can use)."""
-    from tasks.core.weights import SMOLLM2_NAME, TINYCODER_NAME, smollm2_gguf, tinycoder_gguf
-    from tasks.register.adapters import local_base_name
-
-    known = {SMOLLM2_NAME: smollm2_gguf, TINYCODER_NAME: tinycoder_gguf}
-    if local_base_name(base_model) in known:
-        path = known[local_base_name(base_model)]()
-        return path if path.is_file() else None
-    candidate = Path(base_model)
-    return candidate if candidate.suffix == ".gguf" and candidate.is_file() else None
-
-
 def export_ollama(
     adapter_dir: Path | str,
     base_model: str,
@@ -422,10 +410,8 @@ def export_ollama(
         else:
             from transformers import AutoTokenizer
 
-            from tasks.register.adapters import resolve_base_path
-
             chat_template = AutoTokenizer.from_pretrained(
-                str(resolve_base_path(base_model))).chat_template
+                str(resolve_base_model(base_model))).chat_template
     if not chat_template:
         raise OllamaExportError(
             f"no chat template for {base_model}; pass chat_template= (TrainResult.chat_template)")

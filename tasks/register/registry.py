@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.settings import DEFAULT_LOCAL_MODEL, get_settings
-from tasks.register.adapters import resolve_base_path as resolve_base_path
 from tasks.register.runs import load_dataset_ref as load_dataset_ref
 from tasks.register.runs import log_run_artifact as log_run_artifact
 from tasks.register.runs import log_run_metrics as log_run_metrics

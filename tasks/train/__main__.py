@@ -62,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "check":
             from transformers import AutoTokenizer
 
+            from tasks.core.weights import resolve_base_model
             from tasks.train.config import check_sequence_len
-            from tasks.train.local import resolve_local_base_model
 
             cfg = _config(args)
-            tokenizer = AutoTokenizer.from_pretrained(str(resolve_local_base_model(cfg.base_model)))
+            tokenizer = AutoTokenizer.from_pretrained(str(resolve_base_model(cfg.base_model)))
             print(json.dumps([check_sequence_len(cfg, p, tokenizer) for p in cfg.dataset_paths()]))
         elif args.command == "local":
             from tasks.train.local import train_local

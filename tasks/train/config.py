@@ -67,9 +67,6 @@ CHAT_TEMPLATES = (
 )
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 
-# Hugging Face ids the container uses ↔ the pip-shipped copies the local trainer uses.
-HUB_TO_LOCAL_MODEL = {"HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m-instruct"}
-LOCAL_TO_HUB_MODEL = {local: hub for hub, local in HUB_TO_LOCAL_MODEL.items()}
 
 
 class TrainingError(RuntimeError):
@@ -524,6 +521,3 @@ def suggest_sequence_len(longest_tokens: int) -> int:
     return max(64, -(-longest_tokens // 64) * 64)
 
 
-def local_model_name(base_model: str) -> str:
-    """The local (pip-shipped) name for a Hugging Face id the container would download."""
-    return HUB_TO_LOCAL_MODEL.get(base_model, base_model)

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from tasks.core.weights import LOCAL_TO_HUB_MODEL
 from tasks.train.config import (
-    LOCAL_TO_HUB_MODEL,
     AxolotlConfig,
     TrainingConfigError,
     TrainingError,

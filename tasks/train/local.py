@@ -30,7 +30,6 @@ from tasks.train.config import (
     TrainingConfigError,
     TrainingError,
     load_training_config,
-    local_model_name,
     suggest_sequence_len,
 )
 from tasks.train.data import (
@@ -95,12 +94,11 @@ class TrainResult:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-def resolve_local_base_model(base_model: str) -> Path:
-    """A Hugging Face id with a pip-shipped copy, a known short name, or a local folder."""
+def _base_model_dir(base_model: str) -> Path:
     from tasks.core.weights import resolve_base_model
 
     try:
-        return resolve_base_model(local_model_name(base_model))
+        return resolve_base_model(base_model)
     except ValueError as exc:
         raise TrainingConfigError(str(exc), base_model=base_model) from None
 
@@ -290,7 +288,7 @@ def train_local(
     _seed_everything(cfg.seed)
     device, model_dtype, autocast_dtype = _precision(cfg)
 
-    model_dir = resolve_local_base_model(cfg.base_model)
+    model_dir = _base_model_dir(cfg.base_model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     template = resolve_chat_template(cfg, tokenizer)
     tokenizer.chat_template = template

@@ -353,7 +353,6 @@ def test_registry_view_lists_versions_with_eval_metrics_side_by_side(registered,
 def test_registry_re_exports_what_other_stages_import():
     """Evaluation, shadow, the demo and the e2e tests import these from `registry` itself."""
     import tasks.register.registry as registry
-    from tasks.register.adapters import resolve_base_path
     from tasks.register.runs import (
         load_dataset_ref,
         log_run_artifact,
@@ -362,7 +361,6 @@ def test_registry_re_exports_what_other_stages_import():
     )
     from tasks.register.tracking import get_client
 
-    assert registry.resolve_base_path is resolve_base_path
     assert registry.get_client is get_client
     assert (registry.load_dataset_ref, registry.log_training_run, registry.log_run_metrics,
             registry.log_run_artifact) == (load_dataset_ref, log_training_run, log_run_metrics,
