@@ -4,15 +4,14 @@ Each row filter (seed 000 §6) is a pure function of (row, config) returning an 
 reason from `REASONS` plus the observed value and threshold) or None; `apply_filters` records every
 failing filter of a row, then drops exact content duplicates and prunes near duplicates by cosine
 (greedy in priority order, so the best-scored row of a group survives: exact blocked matrix
-products up to `exact_limit` rows, random-hyperplane LSH verified with exact cosine beyond), and
-`assign_splits` splits the kept rows seeded by conversation id. `explain` turns an exclusion into
-one readable line.
+products up to `exact_limit` rows, random-hyperplane LSH verified with exact cosine beyond, both
+from `tasks.core.similarity`), and `assign_splits` splits the kept rows seeded by conversation id.
+`explain` turns an exclusion into one readable line.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,13 @@ from typing import Any
 import numpy as np
 
 from tasks.core.ids import stable_id
+from tasks.core.similarity import (
+    conversation_text,
+    greedy_prune,
+    resolve_method,
+    similar_pairs,
+    unit,
+)
 from tasks.curate.config import CurationConfig
 from tasks.curate.rows import CandidateRow
 
@@ -172,66 +178,7 @@ ROW_FILTERS: tuple[RowFilter, ...] = (
 )
 
 
-# ---- near duplicates ---------------------------------------------------------------------------
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
-def lsh_pairs(vectors: np.ndarray, threshold: float, *, tables: int = 20, bits: int | None = None,
-              seed: int = 0) -> dict[tuple[int, int], float]:
-    """Candidate near-duplicate pairs by random-hyperplane LSH, verified with exact cosine.
-
-    Rows sharing a `bits`-bit sign code in any of `tables` tables are compared exactly. For
-    cosine c the chance a true pair is missed is (1 - (1 - acos(c)/pi)^bits)^tables: with the
-    defaults at 100k rows (15 bits, 20 tables) ~1% at c = 0.95 and ~0.01% at c = 0.98.
-    """
-    n, dim = vectors.shape
-    if n < 2:
-        return {}
-    bits = bits or int(min(24, max(8, math.ceil(math.log2(max(n, 2) / 4)))))
-    rng = np.random.default_rng(seed)
-    weights = (1 << np.arange(bits, dtype=np.int64))
-    pairs: dict[tuple[int, int], float] = {}
-    for _ in range(tables):
-        planes = rng.standard_normal((dim, bits)).astype(np.float32)
-        codes = ((vectors @ planes) > 0).astype(np.int64) @ weights
-        order = np.argsort(codes, kind="stable")
-        sorted_codes = codes[order]
-        offset = 1
-        while offset < n:
-            same = sorted_codes[offset:] == sorted_codes[:-offset]
-            if not same.any():
-                break
-            left = order[:-offset][same]
-            right = order[offset:][same]
-            sims = np.einsum("ij,ij->i", vectors[left], vectors[right])
-            for a, b, s in zip(left[sims >= threshold], right[sims >= threshold],
-                               sims[sims >= threshold], strict=True):
-                key = (int(a), int(b)) if a < b else (int(b), int(a))
-                pairs[key] = float(s)
-            offset += 1
-    return pairs
-
-
-def exact_pairs(vectors: np.ndarray, threshold: float, block: int = 2048
-                ) -> dict[tuple[int, int], float]:
-    """All pairs with cosine >= threshold, by blocked matrix products (O(n^2) work, O(block^2)
-    memory)."""
-    n = len(vectors)
-    pairs: dict[tuple[int, int], float] = {}
-    for i0 in range(0, n, block):
-        a = vectors[i0:i0 + block]
-        for j0 in range(i0, n, block):
-            sims = a @ vectors[j0:j0 + block].T
-            rows, cols = np.nonzero(sims >= threshold)
-            for r, c in zip(rows, cols, strict=True):
-                i, j = i0 + int(r), j0 + int(c)
-                if i < j:
-                    pairs[(i, j)] = float(sims[r, c])
-    return pairs
-
-
+# ---- near duplicates (the search is tasks.core.similarity's) -----------------------------------
 def near_duplicates(ids: Sequence[str], vectors: np.ndarray, threshold: float, *,
                     method: str = "auto", exact_limit: int = 20000, seed: int = 0
                     ) -> tuple[dict[int, tuple[int, float]], str]:
@@ -240,20 +187,10 @@ def near_duplicates(ids: Sequence[str], vectors: np.ndarray, threshold: float, *
     A row is dropped when it is at least `threshold` similar to an earlier row that was kept.
     Returns the drops and the method used ("exact" or "lsh").
     """
-    if method == "auto":
-        method = "exact" if len(ids) <= exact_limit else "lsh"
-    vectors = _unit(np.asarray(vectors, dtype=np.float32))
-    pairs = (exact_pairs(vectors, threshold) if method == "exact"
-             else lsh_pairs(vectors, threshold, seed=seed))
-    neighbours: dict[int, list[tuple[int, float]]] = {}
-    for (i, j), sim in pairs.items():
-        neighbours.setdefault(j, []).append((i, sim))  # i < j: i comes first in priority order
-    dropped: dict[int, tuple[int, float]] = {}
-    for j in sorted(neighbours):
-        kept = [(i, s) for i, s in neighbours[j] if i not in dropped]
-        if kept:
-            dropped[j] = max(kept, key=lambda x: (x[1], -x[0]))
-    return dropped, method
+    method = resolve_method(method, len(ids), exact_limit)
+    pairs, method = similar_pairs(unit(np.asarray(vectors, dtype=np.float32)), threshold,
+                                  method=method, seed=seed)
+    return greedy_prune(pairs), method
 
 
 def _priority(row: CandidateRow) -> tuple:
@@ -267,7 +204,6 @@ def _embeddings_for(rows: Sequence[CandidateRow]) -> np.ndarray:
     missing = [i for i, r in enumerate(rows) if r.embedding is None or len(r.embedding) == 0]
     if missing:
         from tasks.core.embeddings import embed
-        from tasks.generate.dedup import conversation_text
 
         log.info("embedding %d conversations without a stored embedding", len(missing))
         vectors = embed([conversation_text(rows[i].messages) for i in missing])
