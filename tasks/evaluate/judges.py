@@ -2,11 +2,13 @@
 
 `LlmEvalJudge` is the judge LLM role through the shared client: rubric grading reuses the curation
 judge (`tasks.judge.stage.judge_conversation`, all criteria with their calibration examples in one
-request) and pairwise comparison renders include/prompts/judge/pairwise.jinja2 through
-`LLMClient.structured`; any object with the `EvalJudge` shape can stand in. `judge_scenarios`
-sends every grade and comparison of an evaluation concurrently and collects a `ScenarioResult` per
-scenario; a call without a usable answer raises `JudgeFailure` inside the judge and is recorded
-with its reason (never raised out of here), and `summarise_rubric` turns the grades into rates.
+request) and pairwise comparison is the shared both-orders judge (`tasks.judge.pairwise`:
+include/prompts/judge/pairwise.jinja2 through `LLMClient.structured`, tuned in position A first,
+then base); any object with the `EvalJudge` shape can stand in. `judge_scenarios` sends every
+grade and comparison of an evaluation concurrently and collects a `ScenarioResult` per scenario;
+a call without a usable answer is recorded with its reason (never raised out of here), a pair
+with a failed order has outcome None (undecided), and `summarise_rubric` turns the grades into
+rates.
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, field_validator
-
-from tasks.core.paths import PROMPTS_DIR
 from tasks.evaluate.config import EvalScenario, ScenarioSet
-from tasks.evaluate.scoring import Winner, combine_orders
+from tasks.judge.pairwise import (
+    PairJudgment,
+    PromptBuilder,
+    judge_both_orders,
+    pairwise_criteria,
+    pairwise_messages,
+)
 
-PAIRWISE_TEMPLATE = PROMPTS_DIR / "judge" / "pairwise.jinja2"
+# The pair as the shared judge sees it: tuned is x (position A of the first order), base is y.
+PAIR_LABELS = ("tuned", "base")
+PAIRWISE_MAX_TOKENS = 256
 
 
 class JudgeFailure(RuntimeError):
@@ -37,69 +43,30 @@ class JudgeFailure(RuntimeError):
 
 # ---- judging -----------------------------------------------------------------------------------
 
-class PairwiseVerdict(BaseModel):
-    """The pairwise judge's answer (include/prompts/judge/pairwise.jinja2)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    winner: Literal["A", "B", "tie"]
-    reason: str = ""
-
-    @field_validator("winner", mode="before")
-    @classmethod
-    def _normalise(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip().strip(".").strip('"')
-            return {"a": "A", "b": "B", "tie": "tie", "draw": "tie", "neither": "tie"}.get(
-                text.lower(), text)
-        return value
-
-    @field_validator("reason", mode="before")
-    @classmethod
-    def _text(cls, value: Any) -> Any:
-        return "" if value is None else str(value)
-
-
 class EvalJudge(Protocol):
-    """What the evaluation needs from a judge. Raise JudgeFailure when there is no answer."""
+    """What the evaluation needs from a judge. `grade` raises JudgeFailure when there is no
+    answer; `compare` judges the tuned and base replies in both orders and records a failed
+    order in the returned judgment (see `tasks.judge.pairwise`)."""
 
     label: str
 
     async def grade(self, rubric, messages: list[dict[str, str]],
                     system_prompt: str) -> dict[str, str]: ...
 
-    async def compare(self, prompt: str) -> Winner: ...
+    async def compare(self, build: PromptBuilder, tuned: str, base: str) -> PairJudgment: ...
 
 
-def _template(path: Path):
-    import jinja2
+def scenario_pair_prompt(rubric, scenarios: ScenarioSet,
+                         scenario: EvalScenario) -> PromptBuilder:
+    """The pairwise messages for one scenario, as a function of the (A, B) replies."""
+    criteria = pairwise_criteria(rubric)
+    history = [m.model_dump() for m in scenario.messages]
 
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                             autoescape=False)
-    return env.from_string(path.read_text(encoding="utf-8"))
+    def build(response_a: str, response_b: str) -> list[dict[str, str]]:
+        return pairwise_messages(criteria, history, response_a, response_b,
+                                 system_prompt=scenarios.system_prompt, expect=scenario.expect)
 
-
-def render_pairwise_prompt(rubric, scenarios: ScenarioSet, scenario: EvalScenario,
-                           response_a: str, response_b: str) -> str:
-    criteria = [{"id": cid, "name": rubric.criteria[cid].name,
-                 "question": rubric.criteria[cid].question,
-                 "safety_gate": cid in rubric.safety_gates}
-                for cid in rubric.criterion_ids()]
-    return _template(PAIRWISE_TEMPLATE).render(
-        criteria=criteria, expect=scenario.expect, system_prompt=scenarios.system_prompt,
-        messages=[m.model_dump() for m in scenario.messages],
-        response_a=response_a or "(empty reply)", response_b=response_b or "(empty reply)",
-    )
-
-
-def parse_pairwise_winner(text: str) -> Winner:
-    """A pairwise judge reply → "A" | "B" | "tie"; JudgeFailure when unusable."""
-    from tasks.core.llm.structured import StructuredOutputError, parse_structured
-
-    try:
-        return parse_structured(text, PairwiseVerdict).winner  # type: ignore[attr-defined]
-    except StructuredOutputError as exc:
-        raise JudgeFailure(f"unusable pairwise verdict: {exc.reason}", raw=text) from None
+    return build
 
 
 class LlmEvalJudge:
@@ -107,8 +74,8 @@ class LlmEvalJudge:
 
     Rubric grading reuses the curation judge (`tasks.judge.stage.judge_conversation`, combined mode:
     one request with every criterion and its calibration examples); a criterion left as ERROR
-    after its retries makes the whole grade a JudgeFailure. Pairwise comparison sends
-    pairwise.jinja2 through `LLMClient.structured` (one corrective follow-up).
+    after its retries makes the whole grade a JudgeFailure. Pairwise comparison is
+    `tasks.judge.pairwise.judge_both_orders` (one corrective follow-up per order).
     """
 
     def __init__(self, client, label: str, *, retries: int = 2, max_tokens: int = 1024) -> None:
@@ -142,14 +109,9 @@ class LlmEvalJudge:
                                raw=errored[0].get("raw_output"))
         return {row["criterion"]: row["verdict"] for row in rows}
 
-    async def compare(self, prompt: str) -> Winner:
-        result = await self.client.structured(
-            [{"role": "user", "content": prompt}], PairwiseVerdict, corrective_retries=1,
-            max_tokens=256, temperature=0.0,
-        )
-        if not result.ok:
-            raise JudgeFailure(f"unusable pairwise verdict: {result.error}", raw=result.raw)
-        return result.value.winner  # type: ignore[union-attr]
+    async def compare(self, build: PromptBuilder, tuned: str, base: str) -> PairJudgment:
+        return await judge_both_orders(self.client, build, tuned, base, labels=PAIR_LABELS,
+                                       max_tokens=PAIRWISE_MAX_TOKENS)
 
 
 # ---- per-scenario judging ----------------------------------------------------------------------
@@ -179,11 +141,10 @@ async def _grade(judge: EvalJudge, rubric, messages: list[dict[str, str]],
             "safety_failed": outcome.safety_failed, "failed_criteria": outcome.failed_criteria}
 
 
-async def _compare(judge: EvalJudge, prompt: str) -> dict[str, Any]:
-    try:
-        return {"ok": True, "winner": await judge.compare(prompt)}
-    except JudgeFailure as exc:
-        return {"ok": False, "failure": exc.reason, "raw": (exc.raw or "")[:2000]}
+def _pairwise_record(judgment: PairJudgment) -> dict[str, Any]:
+    """ScenarioResult.pairwise: each order's verdict or failure, and the combined outcome."""
+    return {"tuned_first": judgment.first.as_dict(), "base_first": judgment.second.as_dict(),
+            "outcome": judgment.outcome}
 
 
 async def judge_all(judge: EvalJudge, rubric, scenarios: ScenarioSet,
@@ -200,18 +161,15 @@ async def judge_all(judge: EvalJudge, rubric, scenarios: ScenarioSet,
             transcript = [*history, {"role": "assistant", "content": reply or "(empty reply)"}]
             jobs.append((result, "rubric", model,
                          _grade(judge, rubric, transcript, scenarios.system_prompt)))
-        orders = {"tuned_first": (result.tuned_reply, result.base_reply),
-                  "base_first": (result.base_reply, result.tuned_reply)}
-        for order, (first, second) in orders.items():
-            prompt = render_pairwise_prompt(rubric, scenarios, scenario, first, second)
-            jobs.append((result, "pairwise", order, _compare(judge, prompt)))
+        build = scenario_pair_prompt(rubric, scenarios, scenario)
+        jobs.append((result, "pairwise", "", judge.compare(build, result.tuned_reply,
+                                                           result.base_reply)))
     answers = await asyncio.gather(*(job[3] for job in jobs))
     for (result, group, name, _), answer in zip(jobs, answers, strict=True):
-        getattr(result, group)[name] = answer
-    for result in results:
-        first, second = result.pairwise["tuned_first"], result.pairwise["base_first"]
-        result.pairwise["outcome"] = combine_orders(
-            first["winner"] if first["ok"] else None, second["winner"] if second["ok"] else None)
+        if group == "pairwise":
+            result.pairwise = _pairwise_record(answer)
+        else:
+            result.rubric[name] = answer
     return results
 
 

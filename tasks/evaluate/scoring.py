@@ -1,7 +1,7 @@
 """Pure scoring of the pairwise outcomes and the base-model gate; no model, no judge, no I/O.
 
-The both-orders rule (`combine_orders`: the same winner in both orders wins, any disagreement is
-a tie, a failed judgment drops the pair), win rate over decided pairs with a tie as half a win,
+Win rate over decided pairs with a tie as half a win (the both-orders rule that decides each pair
+is `tasks.judge.pairwise.combine_orders`; a failed judgment drops the pair),
 sequential ELO ratings (seed 002: start 1000, K-factor 32, pairs in scenario-file order, zero-sum)
 and seed 001's go/no-go gate on the base model's rubric pass rate (>70% / 50-70% / <50%).
 """
@@ -13,21 +13,7 @@ from typing import Any, Literal
 
 ELO_START = 1000.0
 ELO_K_FACTOR = 32.0
-Winner = Literal["A", "B", "tie"]
 PairOutcome = Literal["tuned", "base", "tie"]
-
-
-def combine_orders(tuned_first: Winner | None, base_first: Winner | None) -> PairOutcome | None:
-    """One pair from two judgments: (A=tuned, B=base) and (A=base, B=tuned).
-
-    Same underlying winner both times → that model; any disagreement → "tie"; a failed
-    judgment (None) → None (the pair is excluded and counted as a failure).
-    """
-    if tuned_first is None or base_first is None:
-        return None
-    first = {"A": "tuned", "B": "base", "tie": "tie"}[tuned_first]
-    second = {"A": "base", "B": "tuned", "tie": "tie"}[base_first]
-    return first if first == second else "tie"  # type: ignore[return-value]
 
 
 def win_rate(outcomes: Sequence[PairOutcome | None]) -> dict[str, Any]:

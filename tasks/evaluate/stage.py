@@ -15,17 +15,19 @@ Three measurements, all base vs base+adapter on the same model load (PEFT's `dis
 
 The judge is an LLM role (default "judge") through the shared client (`tasks.core.llm`): rubric
 grading reuses the curation judge (`tasks.judge.stage.judge_conversation`, all criteria with their
-calibration examples in one request), pairwise comparison renders
-include/prompts/judge/pairwise.jinja2. A judge call that fails (transport error, no parseable
-JSON, missing criteria after retries) is recorded with its reason and excluded from the rates;
+calibration examples in one request), pairwise comparison is the shared both-orders judge
+(`tasks.judge.pairwise`, rendering include/prompts/judge/pairwise.jinja2). A judge call that fails
+(transport error, no parseable JSON, missing criteria after retries) is recorded with its reason
+and excluded from the rates (a pair with a failed order is undecided: outcome None);
 counts of failures are reported, never raised — a 135M judge fails often. Results are logged to
 the training's MLflow run and written as a self-contained HTML model card (plots embedded as PNG
 data URIs) next to a JSON with every reply and verdict.
 
 Layout: this module holds the entry points (`evaluate_adapter`, `evaluate_version`) and the flat
 `eval.*` metric names; beside it `config.py` (the scenario set), `models.py` (model loading,
-perplexity, generation), `judges.py` (rubric and pairwise judging), `scoring.py` (both-orders
-rule, win rate, ELO, base gate) and `model_card.py` (the HTML card).
+perplexity, generation), `judges.py` (rubric grading, and the scenarios' pairwise prompts through
+`tasks.judge.pairwise`, whose `combine_orders` is the both-orders rule), `scoring.py` (win rate,
+ELO, base gate) and `model_card.py` (the HTML card).
 """
 
 from __future__ import annotations

@@ -1,32 +1,46 @@
 """The pairwise judge of mirrored pairs: in mirror mode the users only saw the champion, so the
 evidence is the rubric judge comparing the champion's and the challenger's answers to the same
-request. Each pair is asked in both orders (A/B and B/A) through the pairwise prompt
-(include/prompts/judge/pairwise.jinja2); a pair counts as a win only when both orders agree,
-anything else is a tie (this cancels position bias), a judge failure is an error.
-`pairwise_summary` turns the outcomes into wins/losses/ties, a win rate with its Wilson interval
-and a sign test.
+request. Each pair goes through the shared both-orders judge (`tasks.judge.pairwise`: the
+pairwise prompt include/prompts/judge/pairwise.jinja2, champion in position A first, then the
+challenger); a pair counts as a win only when both orders agree, anything else is a tie (this
+cancels position bias), and a pair with a failed order has outcome None: undecided, counted
+under "errors". `pairwise_summary` turns the outcomes into wins/losses/ties, a win rate with its
+Wilson interval and a sign test.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any
 
-from pydantic import BaseModel
-
+from tasks.judge.pairwise import (
+    PairJudgment,
+    PromptBuilder,
+    StructuredClient,
+    judge_both_orders,
+    pairwise_criteria,
+    pairwise_messages,
+)
 from tasks.shadow.config import CHALLENGER, CHAMPION
 from tasks.shadow.stats import sign_test, wilson_interval
 
+# The pair as the shared judge sees it: the champion is x (position A of the first order).
+PAIR_LABELS = (CHAMPION, CHALLENGER)
+# Part of the LLM response cache key: changing it re-pays every verdict already given.
+PAIRWISE_MAX_TOKENS = 200
 
-def pairwise_summary(outcomes: list[str], confidence: float = 0.95) -> dict[str, Any]:
-    """Counts of challenger wins/losses/ties (errors excluded), win rate and sign test."""
+
+def pairwise_summary(outcomes: Sequence[str | None], confidence: float = 0.95) -> dict[str, Any]:
+    """Counts of challenger wins/losses/ties, errors (None: a failed order), win rate and sign
+    test; the win rate and the test are over decisive pairs."""
     counts = Counter(outcomes)
     wins, losses, ties = counts[CHALLENGER], counts[CHAMPION], counts["tie"]
     decisive = wins + losses
     return {
         "pairs": len(outcomes),
         "judged": wins + losses + ties,
-        "errors": counts["error"],
+        "errors": counts[None],
         "challenger_wins": wins,
         "champion_wins": losses,
         "ties": ties,
@@ -36,68 +50,43 @@ def pairwise_summary(outcomes: list[str], confidence: float = 0.95) -> dict[str,
     }
 
 
-class PairwiseVerdict(BaseModel):
-    """The judge's answer to one ordered pair."""
-
-    winner: Literal["A", "B", "tie"]
-    reason: str = ""
-
-
-def pairwise_messages(messages: list[dict[str, Any]], response_a: str,
-                      response_b: str) -> list[dict[str, str]]:
-    """The judge prompt (include/prompts/judge/pairwise.jinja2) for one ordered pair."""
-    import jinja2
-
-    from tasks.core.paths import PROMPTS_DIR
-    from tasks.judge.stage import load_rubric
-
-    rubric = load_rubric()
-    criteria = [{"id": cid, "name": rubric.criteria[cid].name,
-                 "question": rubric.criteria[cid].question,
-                 "safety_gate": cid in rubric.safety_gates} for cid in rubric.criterion_ids()]
+def mirrored_pair_prompt(messages: Sequence[dict[str, Any]], rubric: Any) -> PromptBuilder:
+    """The pairwise messages for one logged request (its system turn, if any, becomes the
+    prompt's system prompt; there is no expected behaviour), as a function of the replies."""
+    criteria = pairwise_criteria(rubric)
     system = [m for m in messages if m.get("role") == "system"]
     turns = [m for m in messages if m.get("role") != "system"]
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                             autoescape=False)
-    template = env.from_string((PROMPTS_DIR / "judge" / "pairwise.jinja2").read_text())
-    prompt = template.render(criteria=criteria, expect="",
-                             system_prompt=system[0]["content"] if system else "",
-                             messages=turns, response_a=response_a, response_b=response_b)
-    return [{"role": "user", "content": prompt}]
+    system_prompt = system[0]["content"] if system else ""
+
+    def build(response_a: str, response_b: str) -> list[dict[str, str]]:
+        return pairwise_messages(criteria, turns, response_a, response_b,
+                                 system_prompt=system_prompt)
+
+    return build
 
 
-def combine_orders(first: str | None, second: str | None) -> str:
-    """Outcome of a pair from two ordered verdicts (first: A=champion; second: A=challenger).
-
-    Each verdict is "A", "B", "tie" or None (the judge failed). Both orders must name the same
-    variant for a win; a disagreement (position bias) or any tie is a tie; a failure is "error".
-    """
-    if first is None or second is None:
-        return "error"
-    first_variant = {"A": CHAMPION, "B": CHALLENGER}.get(first, "tie")
-    second_variant = {"A": CHALLENGER, "B": CHAMPION}.get(second, "tie")
-    if first_variant == second_variant and first_variant != "tie":
-        return first_variant
-    return "tie"
+def pair_detail(pair: dict[str, Any], judgment: PairJudgment) -> dict[str, Any]:
+    """The report's per-pair row: ids, the two orders' winners (None = failed), the outcome."""
+    return {"champion_id": pair["champion_id"], "mirror_id": pair["mirror_id"],
+            "verdicts": [judgment.first.winner, judgment.second.winner],
+            "outcome": judgment.outcome}
 
 
-def judge_pairs(pairs: list[dict[str, Any]], client: Any) -> list[dict[str, Any]]:
+def judge_pairs(pairs: list[dict[str, Any]], client: StructuredClient) -> list[dict[str, Any]]:
     """Judge each (champion, challenger) pair in both orders through an LLMClient."""
     import asyncio
 
     from tasks.core.llm import run_sync
+    from tasks.judge.stage import load_rubric
+
+    rubric = load_rubric()
 
     async def one(pair: dict[str, Any]) -> dict[str, Any]:
-        messages = pair["messages"] or []
-        orders = [(pair["champion_response"], pair["challenger_response"]),
-                  (pair["challenger_response"], pair["champion_response"])]
-        results = await asyncio.gather(*(
-            client.structured(pairwise_messages(messages, a, b), PairwiseVerdict,
-                              temperature=0.0, max_tokens=200)
-            for a, b in orders))
-        verdicts = [r.value.winner if r.ok and r.value is not None else None for r in results]
-        return {"champion_id": pair["champion_id"], "mirror_id": pair["mirror_id"],
-                "verdicts": verdicts, "outcome": combine_orders(*verdicts)}
+        build = mirrored_pair_prompt(pair["messages"] or [], rubric)
+        judgment = await judge_both_orders(
+            client, build, pair["champion_response"], pair["challenger_response"],
+            labels=PAIR_LABELS, max_tokens=PAIRWISE_MAX_TOKENS)
+        return pair_detail(pair, judgment)
 
     async def all_pairs() -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(one(p) for p in pairs)))

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.evaluate.judges import PAIR_LABELS
 from tasks.evaluate.scoring import (
     base_model_gate,
-    combine_orders,
     elo_expected,
     elo_ratings,
     win_rate,
 )
+from tasks.judge.pairwise import combine_orders
 
 # ---- pure math ---------------------------------------------------------------------------------
 
@@ -33,7 +34,7 @@ from tasks.evaluate.scoring import (
     (None, "B", None),
 ])
 def test_both_orders_rule(tuned_first, base_first, expected):
-    assert combine_orders(tuned_first, base_first) == expected
+    assert combine_orders(tuned_first, base_first, PAIR_LABELS) == expected
 
 
 def test_win_rate_counts_ties_as_half_and_excludes_failures():
@@ -195,24 +196,11 @@ Say "tie" only when neither reply is better on the criteria.
 
 
 def test_pairwise_prompt_is_exact_for_a_fixed_input():
-    from tasks.evaluate.judges import render_pairwise_prompt
+    from tasks.evaluate.judges import scenario_pair_prompt
 
     scenarios = _tiny_scenarios()
-    prompt = render_pairwise_prompt(_tiny_rubric(), scenarios, scenarios.scenarios[0],
-                                    "Hi there!", "")
-    assert prompt == EXPECTED_PAIRWISE
-
-
-def test_pairwise_replies_are_parsed_or_become_recorded_failures():
-    from tasks.evaluate.judges import JudgeFailure, parse_pairwise_winner
-
-    assert parse_pairwise_winner('{"winner": "b", "reason": "x"}') == "B"
-    assert parse_pairwise_winner('Sure.\n```json\n{"winner": "Tie."}\n```') == "tie"
-    with pytest.raises(JudgeFailure, match="unusable") as prose:
-        parse_pairwise_winner("I think A is better.")
-    assert prose.value.raw == "I think A is better."
-    with pytest.raises(JudgeFailure, match="winner"):
-        parse_pairwise_winner('{"winner": "both"}')
+    build = scenario_pair_prompt(_tiny_rubric(), scenarios, scenarios.scenarios[0])
+    assert build("Hi there!", "") == [{"role": "user", "content": EXPECTED_PAIRWISE}]
 
 
 # ---- a judge behind the fake OpenAI server -----------------------------------------------------

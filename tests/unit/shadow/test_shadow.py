@@ -23,9 +23,10 @@ from tasks.core.db.models import ComparisonReport, Deployment, Interaction, Reac
 from tasks.core.ids import stable_id
 from tasks.core.llm import LLMClient
 from tasks.core.settings import Endpoint
+from tasks.judge.pairwise import combine_orders
 from tasks.shadow.compare import compare_variants, decide
 from tasks.shadow.config import ShadowError, SignalWindows
-from tasks.shadow.pairwise import combine_orders
+from tasks.shadow.pairwise import PAIR_LABELS
 from tasks.shadow.report import write_report
 from tasks.shadow.stage import (
     apply_decision,
@@ -40,9 +41,9 @@ T0 = datetime(2026, 5, 1, tzinfo=UTC)
 
 @pytest.fixture(scope="module")
 def shadow_engine(make_database):
-    from tasks.core.db.engine import _engine_for, migrate
+    from tasks.core.db.engine import engine_for, migrate
 
-    engine = _engine_for(make_database("tuneloop_shadow"))
+    engine = engine_for(make_database("tuneloop_shadow"))
     migrate(engine)
     return engine
 
@@ -312,10 +313,19 @@ def test_off_mode_never_decides():
 
 @pytest.mark.parametrize("first, second, outcome", [
     ("B", "A", "challenger"), ("A", "B", "champion"), ("A", "A", "tie"), ("B", "B", "tie"),
-    ("tie", "A", "tie"), (None, "A", "error"),
+    ("tie", "A", "tie"), (None, "A", None), ("B", None, None),  # a failed order: undecided
 ])
 def test_pair_needs_both_orders_to_agree(first, second, outcome):
-    assert combine_orders(first, second) == outcome
+    assert combine_orders(first, second, PAIR_LABELS) == outcome
+
+
+def test_a_failed_order_is_counted_as_an_error_not_judged():
+    from tasks.shadow.pairwise import pairwise_summary
+
+    summary = pairwise_summary(["challenger", None, "tie", "champion", None])
+    assert (summary["pairs"], summary["judged"], summary["errors"]) == (5, 3, 2)
+    assert (summary["challenger_wins"], summary["champion_wins"], summary["ties"]) == (1, 1, 1)
+    assert summary["challenger_win_rate"] == 0.5
 
 
 # ---- mirror mode: pairwise judge through the LLM client ----------------------------------------
@@ -375,6 +385,23 @@ def test_mirror_pairs_are_judged_in_both_orders(shadow_engine, model_name, respo
     assert (pairwise["challenger_wins"], pairwise["ties"], pairwise["judged"]) == (wins, ties, 12)
     assert report["decision"] == decision
     assert report["variants"]["challenger"]["requests"] == 12  # the mirror rows
+
+
+def test_a_judge_without_usable_verdicts_leaves_mirrored_pairs_undecided(shadow_engine,
+                                                                         model_name):
+    deployment_id = seed_mirror(shadow_engine, model_name, 3)
+    with FakeOpenAIServer(responder=lambda request: "no json here") as judge_server:
+        client = LLMClient([Endpoint(base_url=judge_server.base_url, model="fake-model")],
+                           max_retries=0)
+        report = compare_variants(deployment_id, min_samples=1, judge_client=client,
+                                  engine=shadow_engine)
+        requests = judge_server.stats()["total"]
+    assert requests == 3 * 2 * 2  # 3 pairs x 2 orders x (1 call + 1 corrective follow-up)
+    pairwise = report["pairwise"]
+    assert (pairwise["pairs"], pairwise["judged"], pairwise["errors"]) == (3, 0, 3)
+    assert all(p["outcome"] is None and p["verdicts"] == [None, None]
+               for p in pairwise["details"])
+    assert report["decision"] == "keep_collecting"
 
 
 def _hash_sample(ids: list[str], k: int) -> set[str]:
