@@ -6,6 +6,9 @@
 - Router: `serving.router` (`tuneloop serve-router`): champion/challenger routing
   (`serving.routing`), backends (`serving.upstream`, `serving.proxy`), the interaction log
   (`serving.interactions`) and the reactions API (`serving.reactions`).
+- Both speak the OpenAI wire format defined once in `serving.openai_schema` (chat requests,
+  completions and chunks, model lists, the error envelope); where they validate a request
+  differently, its docstring says how.
 
 Nothing is imported here so that `import serving.<module>` stays cheap.
 """

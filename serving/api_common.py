@@ -1,7 +1,13 @@
 """What the router's `/v1` routes (chat and reactions) share: the bearer-credentials dependency,
 `Rejected` for answering at once from a dependency (401, 429) before the body is looked at,
-`validated_body` for routes that read their JSON by hand, the header length check, and the
-handlers that turn validation and HTTP errors into OpenAI-shaped bodies.
+`validated_body` for routes that read their JSON by hand, the header length check
+(`checked_header`), the 401 answer (`unauthorized`), and the handlers that turn validation and
+HTTP errors into OpenAI-shaped bodies (`validation_error_response`, `http_error_response`,
+`rejected_response`).
+
+The router answers an invalid field with 422, `param` naming it (without the leading "body" or
+"header"), the message "<param>: <pydantic's message>", code "invalid_value" and pydantic's
+error list as "detail"; the model server's own handler (`serving.model_routes`) answers 400.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.openai_schema import error_response
+from serving.openai_schema import error_content, error_response
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -26,7 +32,8 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <route
 BEARER = Depends(_bearer)  # the credentials dependency of every /v1 route
 
 
-def _validation_error_response(request: Request, exc: Exception) -> JSONResponse:
+def validation_error_response(request: Request, exc: Exception) -> JSONResponse:
+    """The router's 422 for a `RequestValidationError`: the first error names the field."""
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     first = errors[0] if errors else {}
@@ -34,13 +41,12 @@ def _validation_error_response(request: Request, exc: Exception) -> JSONResponse
     param = ".".join(loc) or None
     message = f"{param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg"))
     return JSONResponse(status_code=422, content={
-        "error": {"message": message, "type": "invalid_request_error", "param": param,
-                  "code": "invalid_value"},
+        **error_content(message, param=param, code="invalid_value"),
         "detail": json.loads(json.dumps(errors, default=str)),
     })
 
 
-def _http_error_response(request: Request, exc: Exception) -> JSONResponse:
+def http_error_response(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
@@ -54,7 +60,7 @@ class Rejected(Exception):  # noqa: N818 - it carries the response, it is not an
         self.response = response
 
 
-async def _rejected_response(_request: Request, exc: Exception) -> JSONResponse:
+async def rejected_response(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Rejected)
     return exc.response
 
@@ -74,13 +80,14 @@ async def validated_body(request: Request, model: type[ModelT]) -> tuple[Any, Mo
             [{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]) from None
 
 
-def _unauthorized() -> JSONResponse:
+def unauthorized() -> JSONResponse:
     return error_response(401, "missing or invalid API key; send Authorization: Bearer <key>",
                           type_="authentication_error", code="invalid_api_key",
                           headers={"WWW-Authenticate": "Bearer"})
 
 
-def _header(headers: Mapping[str, str], name: str, max_length: int) -> str | None:
+def checked_header(headers: Mapping[str, str], name: str, max_length: int) -> str | None:
+    """The header's value (None when absent); longer than `max_length` is a 422 naming it."""
     value = headers.get(name)
     if value is not None and len(value) > max_length:
         raise RequestValidationError([{

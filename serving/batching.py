@@ -63,7 +63,7 @@ def check_batching(max_batch_size: int, batch_window_ms: float) -> None:
                          f"e.g. {DEFAULT_BATCH_WINDOW_MS:g}")
 
 
-def _stop_holdback(text: str, stops: Sequence[str]) -> int:
+def stop_holdback(text: str, stops: Sequence[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
     best = 0
     for stop in stops:
@@ -150,7 +150,7 @@ class _Sequence:
         if self.finish is not None:
             self.final_text = text
             return ""
-        safe_end = len(text) - _stop_holdback(text, stops)
+        safe_end = len(text) - stop_holdback(text, stops)
         # An incomplete UTF-8 sequence decodes to U+FFFD: wait for the rest of it.
         while safe_end > self.emitted and text[safe_end - 1] == "\ufffd":
             safe_end -= 1
@@ -167,7 +167,7 @@ class _Sequence:
                            completion_tokens=len(self.generated))
 
 
-def _prefill_groups(lengths: Sequence[int], slack: float) -> list[list[int]]:
+def prefill_groups(lengths: Sequence[int], slack: float) -> list[list[int]]:
     """Indices of prompts grouped for prefill, longest first: each group's padded size (rows x
     its longest prompt) stays within `slack` x the tokens it really holds."""
     groups: list[list[int]] = []
@@ -228,7 +228,7 @@ class _Batch:
         else:
             lengths = [s.request.prepared.prompt_tokens for s in fresh]
             groups = [[fresh[i] for i in group]
-                      for group in _prefill_groups(lengths, PREFILL_PADDING_SLACK)]
+                      for group in prefill_groups(lengths, PREFILL_PADDING_SLACK)]
         for group in groups:
             newcomers = _Batch(self.model, self.runner)
             newcomers.prefill(group)

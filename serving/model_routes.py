@@ -1,4 +1,10 @@
-"""The model server's HTTP layer: request bodies, OpenAI-shaped responses and the route handlers.
+"""The model server's HTTP layer: the route handlers and its OpenAI-shaped answers.
+
+The OpenAI bodies (the chat request, completions, chunks, model cards, the error envelope) are
+defined once in `serving.openai_schema`, shared with the router; this module turns a chat
+request into `GenerationParams` (`generation_params`) and answers errors the model server's way:
+400 for an invalid request body ("invalid request body at <field>: ...", where the router says
+422), and an error type that follows the status (see `_error_body`).
 
 `add_routes(app)` registers the handlers (and the OpenAI-style error handlers) on the app that
 `serving.model_server.create_app` builds; each handler finds the loaded model through the
@@ -9,7 +15,6 @@ the model's scheduler thread (`ModelRuntime.start`), so the event loop stays fre
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -21,7 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from serving.generation import (
     ChatModel,
@@ -31,66 +36,51 @@ from serving.generation import (
     PreparedChat,
     StreamEvent,
 )
+from serving.openai_schema import (
+    SSE_DONE,
+    ChunkDelta,
+    ModelCard,
+    ModelList,
+    ModelServerChatRequest,
+    chat_completion,
+    chunk_choice,
+    completion_chunk,
+    error_content,
+    sse_event,
+    usage,
+)
 
 log = logging.getLogger(__name__)
 
-OWNER = "tuneloop"
-
 
 # ---- request bodies ------------------------------------------------------------------------------
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    """The OpenAI chat-completions body; fields the local model cannot honour are rejected."""
-
-    model_config = ConfigDict(extra="allow")
-    model: str
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    logprobs: bool | None = None
-
-    def generation_params(self) -> GenerationParams:
-        if self.n not in (None, 1):
-            raise ModelServerError(
-                f"n={self.n} is not supported: the local model server returns one choice per "
-                "request; send n=1 (or omit it) and repeat the request with different seeds",
-                param="n",
-            )
-        if self.logprobs:
-            raise ModelServerError("logprobs are not supported by the local model server; "
-                                   "omit logprobs", param="logprobs")
-        values: dict[str, Any] = {
-            "max_tokens": self.max_completion_tokens or self.max_tokens,
-            "stop": self.stop,
-            "seed": self.seed,
-        }
-        if self.temperature is not None:
-            values["temperature"] = self.temperature
-        if self.top_p is not None:
-            values["top_p"] = self.top_p
-        try:
-            return GenerationParams(**values)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise ModelServerError(str(first["msg"]).removeprefix("Value error, "),
-                                   param=str(first["loc"][0]) if first["loc"] else None) from None
+def generation_params(body: ModelServerChatRequest) -> GenerationParams:
+    """The sampling parameters of a chat request; what the local model cannot do (n > 1,
+    logprobs) or an out-of-range value is a 400 naming the field and the fix."""
+    if body.n not in (None, 1):
+        raise ModelServerError(
+            f"n={body.n} is not supported: the local model server returns one choice per "
+            "request; send n=1 (or omit it) and repeat the request with different seeds",
+            param="n",
+        )
+    if body.logprobs:
+        raise ModelServerError("logprobs are not supported by the local model server; "
+                               "omit logprobs", param="logprobs")
+    values: dict[str, Any] = {
+        "max_tokens": body.max_completion_tokens or body.max_tokens,
+        "stop": body.stop,
+        "seed": body.seed,
+    }
+    if body.temperature is not None:
+        values["temperature"] = body.temperature
+    if body.top_p is not None:
+        values["top_p"] = body.top_p
+    try:
+        return GenerationParams(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ModelServerError(str(first["msg"]).removeprefix("Value error, "),
+                               param=str(first["loc"][0]) if first["loc"] else None) from None
 
 
 class AdapterRegistration(BaseModel):
@@ -101,30 +91,20 @@ class AdapterRegistration(BaseModel):
 
 # ---- responses -----------------------------------------------------------------------------------
 def _error_body(exc: ModelServerError) -> dict[str, Any]:
+    """The OpenAI error body of `exc`; its type follows the status (404 not_found_error,
+    503 server_busy, other 5xx server_error, else invalid_request_error), and a 404 for a
+    model lists the `available` ids."""
     kind = {404: "not_found_error", 503: "server_busy"}.get(exc.status_code,
                                                              "invalid_request_error")
     if exc.status_code >= 500 and exc.status_code != 503:
         kind = "server_error"
-    error: dict[str, Any] = {"message": exc.message, "type": kind, "param": exc.param,
-                             "code": exc.code}
-    if exc.available:
-        error["available"] = exc.available
-    return {"error": error}
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    extra = {"available": exc.available} if exc.available else {}
+    return error_content(exc.message, type_=kind, param=exc.param, code=exc.code, **extra)
 
 
 def _openai_finish(reason: str | None) -> str | None:
     # "cancelled" only happens when the client has gone; report it as a stop if anyone listens.
     return "stop" if reason == "cancelled" else reason
-
-
-def _sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
 
 
 class ModelRuntime:
@@ -196,18 +176,14 @@ async def health(request: Request) -> dict[str, Any]:
     }
 
 
-def _model_card(model_id: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": OWNER}
-
-
 async def list_models(request: Request) -> dict[str, Any]:
     ids = await asyncio.to_thread(_runtime_of(request).chat_model.model_ids)
-    return {"object": "list", "data": [_model_card(i) for i in ids]}
+    return ModelList(data=[ModelCard(id=i) for i in ids]).model_dump()
 
 
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     await asyncio.to_thread(_runtime_of(request).chat_model.resolve, model_id)
-    return _model_card(model_id)
+    return ModelCard(id=model_id).model_dump()
 
 
 def _adapter_body(model: ChatModel, info: Any) -> dict[str, Any]:
@@ -249,11 +225,11 @@ async def delete_adapter(name: str, request: Request) -> dict[str, Any]:
     return {"id": f"{model.model_name}:{name}", "object": "adapter", "deleted": True}
 
 
-async def chat_completions(body: ChatCompletionRequest,
+async def chat_completions(body: ModelServerChatRequest,
                            request: Request) -> JSONResponse | StreamingResponse:
     runtime = _runtime_of(request)
     model = runtime.chat_model
-    params = body.generation_params()
+    params = generation_params(body)
     messages = [m.model_dump() for m in body.messages]
     prepared = await asyncio.to_thread(model.prepare, body.model, messages, params)
     runtime.admit()
@@ -271,20 +247,12 @@ async def chat_completions(body: ChatCompletionRequest,
         completion = await _collect(runtime.start(prepared, cancel), prepared)
     finally:
         cancel.set()  # no-op when done; stops the work if this handler was cancelled
-    return JSONResponse({
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": body.model,
-        "system_fingerprint": model.fingerprint,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": completion.text},
-            "logprobs": None,
-            "finish_reason": _openai_finish(completion.finish_reason),
-        }],
-        "usage": _usage(completion.prompt_tokens, completion.completion_tokens),
-    })
+    return JSONResponse(chat_completion(
+        completion_id=completion_id, created=created, model=body.model,
+        fingerprint=model.fingerprint, text=completion.text,
+        finish_reason=_openai_finish(completion.finish_reason),
+        token_usage=usage(completion.prompt_tokens, completion.completion_tokens),
+    ))
 
 
 def add_routes(app: FastAPI) -> None:
@@ -323,16 +291,11 @@ async def _stream_chunks(
     cancel = threading.Event()
     model = runtime.chat_model
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
-        payload: dict[str, Any] = {
-            "id": completion_id, "object": "chat.completion.chunk", "created": created,
-            "model": prepared.model_id, "system_fingerprint": model.fingerprint,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                         "finish_reason": finish_reason}],
-        }
-        if include_usage:
-            payload["usage"] = None
-        return _sse(payload)
+    def chunk(delta: ChunkDelta, finish_reason: str | None = None) -> str:
+        return sse_event(completion_chunk(
+            completion_id=completion_id, created=created, model=prepared.model_id,
+            fingerprint=model.fingerprint, choices=[chunk_choice(delta, finish_reason)],
+            include_usage=include_usage))
 
     queue = runtime.start(prepared, cancel)
     try:
@@ -343,20 +306,18 @@ async def _stream_chunks(
                 error = item if isinstance(item, ModelServerError) else ModelServerError(
                     f"generation failed: {type(item).__name__}: {item}", status_code=500)
                 log.error("streamed generation failed: %s", error.message)
-                yield _sse(_error_body(error))
+                yield sse_event(_error_body(error))
                 return
             if item.delta:
                 yield chunk({"content": item.delta})
             if item.finish_reason is not None:
                 yield chunk({}, _openai_finish(item.finish_reason))
                 if include_usage:
-                    yield _sse({
-                        "id": completion_id, "object": "chat.completion.chunk",
-                        "created": created, "model": prepared.model_id,
-                        "system_fingerprint": model.fingerprint, "choices": [],
-                        "usage": _usage(item.prompt_tokens, item.completion_tokens),
-                    })
+                    yield sse_event(completion_chunk(
+                        completion_id=completion_id, created=created, model=prepared.model_id,
+                        fingerprint=model.fingerprint, choices=[],
+                        token_usage=usage(item.prompt_tokens, item.completion_tokens)))
                 break
-        yield _sse("[DONE]")
+        yield sse_event(SSE_DONE)
     finally:
         cancel.set()  # the client disconnected or we are done: free the model either way

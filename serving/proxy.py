@@ -1,7 +1,7 @@
-"""Forwarding one chat request to its backend: `_complete` (JSON) and `_stream` (SSE passed
-through chunk by chunk) try the chosen variant, fall back to the champion when the challenger
+"""Forwarding one chat request to its backend: `proxy_completion` (JSON) and `proxy_stream` (SSE
+passed through chunk by chunk) try the chosen variant, fall back to the champion when the challenger
 fails (logging the failed attempt as its own row), write the interaction row, start the mirror
-copy, and answer with the interaction id, variant and version headers; `_ClosingStream` makes
+copy, and answer with the interaction id, variant and version headers; `ClosingStream` makes
 sure a stream is logged and its backend released however it ends.
 """
 
@@ -58,7 +58,7 @@ def _log_failed_attempt(router: Router, state: RoutingState, row_base: dict[str,
         error=detail[:2000]))
 
 
-async def _complete(router: Router, state: RoutingState, variant: str, payload: dict[str, Any],
+async def proxy_completion(router: Router, state: RoutingState, variant: str, payload: dict[str, Any],
                     row_base: dict[str, Any], started: float, mirror: bool) -> Response:
     """Non-streaming: forward, fall back to the champion if the challenger fails, log, answer."""
     response: UpstreamResponse | None = None
@@ -114,7 +114,7 @@ async def _complete(router: Router, state: RoutingState, variant: str, payload: 
     return Response(json.dumps(data).encode(), media_type="application/json", headers=headers)
 
 
-async def _stream(router: Router, state: RoutingState, variant: str, payload: dict[str, Any],
+async def proxy_stream(router: Router, state: RoutingState, variant: str, payload: dict[str, Any],
                   row_base: dict[str, Any], started: float, mirror: bool) -> Response:
     """Streaming: open the backend stream (falling back before the first byte), pass it through."""
     variant, upstream, error = await _open_stream(router, state, variant, payload, row_base,
@@ -218,11 +218,11 @@ def _relay(router: Router, row: dict[str, Any], headers: dict[str, str],
         log_once("client_disconnected", None)
         await upstream.aclose()
 
-    return _ClosingStream(passthrough(), closed, media_type="text/event-stream",
+    return ClosingStream(passthrough(), closed, media_type="text/event-stream",
                           headers={**headers, "Cache-Control": "no-cache"})
 
 
-class _ClosingStream(StreamingResponse):
+class ClosingStream(StreamingResponse):
     """A StreamingResponse that always runs `on_close` once it is over, however it ended
     (finished, client gone before the first chunk, task cancelled)."""
 

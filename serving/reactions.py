@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.api_common import BEARER, Rejected, _unauthorized, validated_body
-from serving.openai_schema import _ERRORS, ErrorResponse, JsonInt, error_response
+from serving.api_common import BEARER, Rejected, unauthorized, validated_body
+from serving.openai_schema import ERROR_RESPONSES, ErrorResponse, JsonInt, error_response
 from tasks.core.ids import stable_id
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def reactions_router(router: Router) -> APIRouter:
         body is validated, so no unauthenticated request learns anything or escapes the limit."""
         key_id = router.authenticate(credentials)
         if key_id is None:
-            raise Rejected(_unauthorized())
+            raise Rejected(unauthorized())
         limited = router.rate_limited(key_id, None)
         if limited is not None:
             raise Rejected(limited)
@@ -133,7 +133,7 @@ def reactions_router(router: Router) -> APIRouter:
 
     @api.post(
         "/reactions", status_code=201, response_model=ReactionOut,
-        responses={**_ERRORS, 200: {"model": ReactionOut, "description": "a replay"},
+        responses={**ERROR_RESPONSES, 200: {"model": ReactionOut, "description": "a replay"},
                    404: {"model": ErrorResponse, "description": "unknown interaction"},
                    409: {"model": ErrorResponse,
                          "description": "idempotency key reused with another payload"}},

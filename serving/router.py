@@ -55,22 +55,21 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.api_common import (
     BEARER,
     Rejected,
-    _header,
-    _http_error_response,
-    _rejected_response,
-    _unauthorized,
-    _validation_error_response,
+    checked_header,
+    http_error_response,
+    rejected_response,
+    unauthorized,
     validated_body,
+    validation_error_response,
 )
 from serving.interactions import InteractionLog, interaction_row
 from serving.openai_schema import (
-    _ERRORS,
+    ERROR_RESPONSES,
     ChatCompletionRequest,
     ErrorResponse,
     ModelCard,
@@ -78,7 +77,7 @@ from serving.openai_schema import (
     completion_text,
     error_response,
 )
-from serving.proxy import _complete, _stream
+from serving.proxy import proxy_completion, proxy_stream
 from serving.router_config import MODEL_TEMPLATES, RouterConfig, RouterError
 from serving.routing import (
     RoutingState,
@@ -279,7 +278,7 @@ class _RouterApp(FastAPI):
         try:
             response = await handler(request)
         except RequestValidationError as exc:
-            response = _validation_error_response(request, exc)
+            response = validation_error_response(request, exc)
         except Rejected as exc:
             response = exc.response
         except Exception:  # noqa: BLE001 - what ServerErrorMiddleware would do, as JSON
@@ -298,14 +297,10 @@ async def _chat_completions(router: Router, request: Request) -> Any:
     headers = request.headers
     key_id = router.authenticate_header(headers.get("authorization"))
     if key_id is None:
-        return _unauthorized()
+        return unauthorized()
     data, body = await validated_body(request, ChatCompletionRequest)
-    try:
-        x_user_id = _header(headers, "x-user-id", 256)
-        x_request_id = _header(headers, "x-request-id", 200)
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]) from None
+    x_user_id = checked_header(headers, "x-user-id", 256)
+    x_request_id = checked_header(headers, "x-request-id", 200)
     user_id = body.user or x_user_id
     user_hash = hash_user(user_id if user_id else f"anon:{_random_id()}", router._salt)
     limited = router.rate_limited(key_id, user_hash if user_id else None)
@@ -339,17 +334,17 @@ async def _chat_completions(router: Router, request: Request) -> Any:
     # Mirror copies the requests of users below `share` (share 1.0: every request).
     mirror = state.mode == "mirror" and user_bucket(user_hash) < state.share
     if body.stream:
-        return await _stream(router, state, variant, payload, row_base, started, mirror)
-    return await _complete(router, state, variant, payload, row_base, started, mirror)
+        return await proxy_stream(router, state, variant, payload, row_base, started, mirror)
+    return await proxy_completion(router, state, variant, payload, row_base, started, mirror)
 
 
 def create_router_app(config: RouterConfig | None = None, *, engine: Any = None) -> FastAPI:
     """The router app. `engine`: a SQLAlchemy engine (default: from config.database_url)."""
     config = config or RouterConfig.from_settings()
     if engine is None:
-        from tasks.core.db.engine import _engine_for, get_engine
+        from tasks.core.db.engine import engine_for, get_engine
 
-        engine = _engine_for(config.database_url) if config.database_url else get_engine()
+        engine = engine_for(config.database_url) if config.database_url else get_engine()
     router = Router(config, engine)
 
     @contextlib.asynccontextmanager
@@ -369,9 +364,9 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
     app = _RouterApp(title="tuneloop router", version="1.0", lifespan=lifespan,
                      description=__doc__.split("\n\n")[0])
     app.state.router = router
-    app.add_exception_handler(RequestValidationError, _validation_error_response)
-    app.add_exception_handler(StarletteHTTPException, _http_error_response)
-    app.add_exception_handler(Rejected, _rejected_response)
+    app.add_exception_handler(RequestValidationError, validation_error_response)
+    app.add_exception_handler(StarletteHTTPException, http_error_response)
+    app.add_exception_handler(Rejected, rejected_response)
 
     api = APIRouter(prefix="/v1")
 
@@ -381,27 +376,27 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
         # behind the key).
         return {"status": "ok"}
 
-    @api.get("/models", response_model=ModelList, responses={401: _ERRORS[401]},
+    @api.get("/models", response_model=ModelList, responses={401: ERROR_RESPONSES[401]},
              tags=["openai"])
     async def list_models(
         credentials: HTTPAuthorizationCredentials | None = BEARER,
     ) -> Any:
         if router.authenticate(credentials) is None:
-            return _unauthorized()
+            return unauthorized()
         return ModelList(data=[ModelCard(id=config.public_model)])
 
-    @api.get("/router/state", responses={401: _ERRORS[401]}, tags=["ops"])
+    @api.get("/router/state", responses={401: ERROR_RESPONSES[401]}, tags=["ops"])
     async def router_state(
         credentials: HTTPAuthorizationCredentials | None = BEARER,
     ) -> Any:
         if router.authenticate(credentials) is None:
-            return _unauthorized()
+            return unauthorized()
         return {"routing": router.resolver.state.as_dict(), "log": router.log.stats(),
                 "mirror_skipped": router.mirror_skipped}
 
     @api.post(
         "/chat/completions", tags=["openai"],
-        responses={**_ERRORS, 404: {"model": ErrorResponse, "description": "unknown model"},
+        responses={**ERROR_RESPONSES, 404: {"model": ErrorResponse, "description": "unknown model"},
                    200: {"description": "a chat completion (JSON) or an SSE stream",
                          "content": {"text/event-stream": {}}}},
         openapi_extra=_CHAT_OPENAPI,

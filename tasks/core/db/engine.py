@@ -57,12 +57,13 @@ def resolve_database_url(settings: Settings | None = None) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _engine_for(url: str) -> Engine:
+def engine_for(url: str) -> Engine:
+    """One pooled engine per database URL (cached, so every caller shares the pool)."""
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, future=True)
 
 
 def get_engine(settings: Settings | None = None) -> Engine:
-    return _engine_for(resolve_database_url(settings))
+    return engine_for(resolve_database_url(settings))
 
 
 @contextmanager

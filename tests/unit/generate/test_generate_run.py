@@ -37,9 +37,9 @@ def _point_settings_at(engine, patch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def db(make_database):
     """One migrated database for the module (tests filter by batch id); settings point at it."""
-    from tasks.core.db.engine import _engine_for, migrate
+    from tasks.core.db.engine import engine_for, migrate
 
-    engine = _engine_for(make_database("tuneloop_gen"))
+    engine = engine_for(make_database("tuneloop_gen"))
     migrate(engine)
     with pytest.MonkeyPatch.context() as patch:
         _point_settings_at(engine, patch)

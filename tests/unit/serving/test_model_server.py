@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.batching import PREFILL_PADDING_SLACK, _prefill_groups, _stop_holdback
+from serving.batching import PREFILL_PADDING_SLACK, prefill_groups, stop_holdback
 from serving.generation import GenerationParams, ModelServerError
 
 pytestmark = pytest.mark.slow
@@ -441,7 +441,7 @@ def test_startup_failure_names_the_cause(tmp_path):
     ("the end", ["end"], 0),  # a complete stop is cut, not held back
 ])
 def test_stop_holdback_keeps_possible_stop_prefixes(text, stops, held):
-    assert _stop_holdback(text, stops) == held
+    assert stop_holdback(text, stops) == held
 
 
 @pytest.mark.parametrize(("params", "message"), [
@@ -528,7 +528,7 @@ def test_batched_greedy_equals_unbatched_greedy_for_prompts_of_different_lengths
     lengths = [r.prompt_tokens for r in requests]
     assert len(set(lengths)) == len(PROMPTS)
     # The longest prompt pads the others; the shortest is prefilled apart and spliced in.
-    assert len(_prefill_groups(lengths, PREFILL_PADDING_SLACK)) == 2
+    assert len(prefill_groups(lengths, PREFILL_PADDING_SLACK)) == 2
     results, delta = _in_one_batch_each(chat_model, requests)
     assert results == solo_greedy
     assert delta["batches"] == 1 and delta["requests"] == len(PROMPTS)
@@ -653,7 +653,7 @@ def test_out_of_range_batching_options_are_rejected_with_the_fix(chat_model):
     ([], []),
 ])
 def test_prefill_groups_bound_padding(lengths, groups):
-    assert _prefill_groups(lengths, PREFILL_PADDING_SLACK) == groups
+    assert prefill_groups(lengths, PREFILL_PADDING_SLACK) == groups
 
 
 def test_sigterm_stops_a_busy_server_within_the_grace_period(tmp_path):

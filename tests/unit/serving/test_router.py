@@ -37,9 +37,9 @@ def challenger_says(request: dict) -> str:
 
 @pytest.fixture(scope="module")
 def router_engine(make_database):
-    from tasks.core.db.engine import _engine_for, migrate
+    from tasks.core.db.engine import engine_for, migrate
 
-    engine = _engine_for(make_database("tuneloop_router"))
+    engine = engine_for(make_database("tuneloop_router"))
     migrate(engine)
     return engine
 
@@ -658,7 +658,7 @@ def test_a_stream_whose_client_left_before_the_first_chunk_still_closes_and_logs
 
     from starlette.requests import ClientDisconnect
 
-    from serving.proxy import _ClosingStream
+    from serving.proxy import ClosingStream
 
     started, closed = [], []
 
@@ -677,7 +677,7 @@ def test_a_stream_whose_client_left_before_the_first_chunk_still_closes_and_logs
     async def receive():
         return {"type": "http.disconnect"}
 
-    response = _ClosingStream(body(), on_close, media_type="text/event-stream")
+    response = ClosingStream(body(), on_close, media_type="text/event-stream")
     scope = {"type": "http", "asgi": {"spec_version": spec_version}, "method": "POST",
              "path": "/"}
     if spec_version == "2.4":

@@ -22,9 +22,9 @@ MIN_TOTAL_CASES = 1000
 
 @pytest.fixture(scope="module")
 def router_app(make_database):
-    from tasks.core.db.engine import _engine_for, migrate
+    from tasks.core.db.engine import engine_for, migrate
 
-    engine = _engine_for(make_database("tuneloop_schemathesis"))
+    engine = engine_for(make_database("tuneloop_schemathesis"))
     migrate(engine)
     with FakeOpenAIServer(model_ids=("champ",)) as champion, \
             FakeOpenAIServer(model_ids=("chall",)) as challenger:

@@ -21,9 +21,9 @@ API_KEY = "sim-key"
 
 @pytest.fixture(scope="module")
 def sim_engine(make_database):
-    from tasks.core.db.engine import _engine_for, migrate
+    from tasks.core.db.engine import engine_for, migrate
 
-    engine = _engine_for(make_database("tuneloop_simulate"))
+    engine = engine_for(make_database("tuneloop_simulate"))
     migrate(engine)
     return engine
 

@@ -89,9 +89,9 @@ def thousand(fresh_engine):
 @pytest.fixture(scope="module")
 def built(make_database, tmp_path_factory):
     """The 1000 planted events, built once for the tests that only read the result."""
-    from tasks.core.db.engine import _engine_for, migrate
+    from tasks.core.db.engine import engine_for, migrate
 
-    engine = _engine_for(make_database())
+    engine = engine_for(make_database())
     migrate(engine)
     events = [planted_event(i) for i in range(1000)]
     store(engine, events, [reaction_for(i) for i in range(1000)])
