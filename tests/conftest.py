@@ -108,30 +108,30 @@ def make_database(pg_admin_url: str) -> Iterator:
 @pytest.fixture(scope="session")
 def database_url(make_database) -> Iterator[str]:
     """A migrated throwaway database shared by the session; DATABASE_URL points at it."""
-    from tasks.core.db.engine import _engine_for, migrate
+    from tasks.core.db.engine import engine_for, migrate
     from tasks.core.settings import get_settings
 
     url = make_database()
     os.environ["DATABASE_URL"] = url
     get_settings.cache_clear()
-    migrate(_engine_for(url))
+    migrate(engine_for(url))
     yield url
 
 
 @pytest.fixture()
 def engine(database_url: str):
-    from tasks.core.db.engine import _engine_for
+    from tasks.core.db.engine import engine_for
 
-    return _engine_for(database_url)
+    return engine_for(database_url)
 
 
 @pytest.fixture()
 def fresh_engine(make_database):
     """An engine on a brand-new migrated database (for tests that count rows exactly)."""
-    from tasks.core.db.engine import _engine_for, migrate
+    from tasks.core.db.engine import engine_for, migrate
 
     url = make_database()
-    eng = _engine_for(url)
+    eng = engine_for(url)
     migrate(eng)
     return eng
 

@@ -47,11 +47,11 @@ def _seed_deployment_with_reactions(engine) -> None:
 def two_databases(airflow_db, make_database, monkeypatch, tmp_path):
     """(env engine, connection engine): DATABASE_URL → the first, AIRFLOW_CONN_TUNELOOP_DB → the
     second (seeded). The environment is restored afterwards (the task rewrote DATABASE_URL)."""
-    from tasks.core.db.engine import _engine_for, migrate
+    from tasks.core.db.engine import engine_for, migrate
     from tasks.core.settings import get_settings
 
     env_url, conn_url = make_database("tuneloop_env"), make_database("tuneloop_conn")
-    engines = _engine_for(env_url), _engine_for(conn_url)
+    engines = engine_for(env_url), engine_for(conn_url)
     for engine in engines:
         migrate(engine)
     _seed_deployment_with_reactions(engines[1])

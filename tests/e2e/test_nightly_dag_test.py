@@ -25,11 +25,11 @@ SKIPPED_AFTER_DECISION = ("build", "gate_passed", "publish")
 
 @pytest.fixture()
 def nightly_db(airflow_db, make_database, monkeypatch, tmp_path):
-    from tasks.core.db.engine import _engine_for, migrate
+    from tasks.core.db.engine import engine_for, migrate
     from tasks.core.settings import get_settings
 
     url = make_database("tuneloop_nightly")
-    engine = _engine_for(url)
+    engine = engine_for(url)
     migrate(engine)
     store(engine, [planted_event(i) for i in range(EVENTS)],
           [reaction_for(i) for i in range(EVENTS)])
