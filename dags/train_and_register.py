@@ -12,8 +12,9 @@
    deployment so the router starts sending the challenger its share of traffic.
 
 Scheduled by `tuneloop://datasets/curated`; emits `tuneloop://mlflow/challenger`.
-Logic: `tasks/train/stage.py` → `tasks/train/`, `tasks/register/registry.py`, `tasks/evaluate/stage.py`,
-`tasks/shadow/stage.py`.
+Logic, one stage per step: `tasks/train/stage.py` (prepare, train, collect),
+`tasks/register/stage.py` (register), `tasks/evaluate/stage.py` (evaluate_registered),
+`tasks/shadow/stage.py` (deploy_registered).
 """
 
 from __future__ import annotations
@@ -85,13 +86,14 @@ def train_and_register():
 
     @task(trigger_rule="none_failed_min_one_success")
     def register(prepared: dict) -> dict:
-        from tasks.train.stage import register_training
+        from tasks.register.stage import register_training
+        from tasks.train.stage import collect_training
 
-        return register_training(prepared)
+        return register_training(prepared, collect_training(prepared))
 
     @task(pool=LLM_POOL)
     def evaluate(registered: dict, params: dict | None = None) -> dict:
-        from tasks.train.stage import evaluate_registered
+        from tasks.evaluate.stage import evaluate_registered
 
         if not params["evaluate"]:
             return {"skipped": True}
@@ -100,9 +102,9 @@ def train_and_register():
     @task(outlets=[MODEL_ASSET])
     def shadow_deploy(registered: dict, evaluation: dict, params: dict | None = None,
                       outlet_events=None) -> dict:
-        from tasks.train.stage import deploy_shadow
+        from tasks.shadow.stage import deploy_registered
 
-        deployment = deploy_shadow(registered, mode=params["shadow_mode"],
+        deployment = deploy_registered(registered, mode=params["shadow_mode"],
                                    share=params["shadow_share"])
         outlet_events[MODEL_ASSET].extra = {"version": registered["version"],
                                             "deployment_id": deployment["deployment_id"]}

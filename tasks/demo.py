@@ -178,14 +178,14 @@ def demo_tagging_config(cfg: DemoConfig, batch_id: str) -> Any:
 def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
     from tasks.curate.config import CurationConfig
     from tasks.curate.stage import curate
+    from tasks.evaluate.stage import evaluate_registered
     from tasks.generate import run_generation
-    from tasks.shadow.stage import compare_and_report
+    from tasks.register.stage import register_training
+    from tasks.shadow.stage import compare_and_report, deploy_registered
     from tasks.tag.stage import run_tagging
     from tasks.train.stage import (
-        deploy_shadow,
-        evaluate_registered,
+        collect_training,
         prepare_training,
-        register_training,
         resolve_dataset,
         run_local_training,
     )
@@ -237,7 +237,7 @@ def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
         out["training"] = trained["metrics"]
 
     with _step("register in MLflow (alias challenger)", timings):
-        registered = register_training(prepared)
+        registered = register_training(prepared, collect_training(prepared))
         out["registered"] = registered
 
     if cfg.evaluate:
@@ -250,7 +250,7 @@ def _loop(cfg: DemoConfig, timings: dict[str, float], tqdm) -> dict[str, Any]:
                                                     max_scenarios=cfg.eval_scenarios)
 
     with _step("shadow deploy + simulated traffic", timings):
-        deployment = deploy_shadow(registered, mode="canary", share=cfg.shadow_share)
+        deployment = deploy_registered(registered, mode="canary", share=cfg.shadow_share)
         out["deployment"] = deployment
         out["traffic"] = _simulate(cfg)
 

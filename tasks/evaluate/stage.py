@@ -23,7 +23,8 @@ counts of failures are reported, never raised — a 135M judge fails often. Resu
 the training's MLflow run and written as a self-contained HTML model card (plots embedded as PNG
 data URIs) next to a JSON with every reply and verdict.
 
-Layout: this module holds the entry points (`evaluate_adapter`, `evaluate_version`) and the flat
+Layout: this module holds the entry points (`evaluate_adapter`, `evaluate_version`,
+`evaluate_registered` for the `train_and_register` DAG) and the flat
 `eval.*` metric names; beside it `config.py` (the scenario set), `models.py` (model loading,
 perplexity, generation), `judges.py` (rubric grading, and the scenarios' pairwise prompts through
 `tasks.judge.pairwise`, whose `combine_orders` is the both-orders rule), `scoring.py` (win rate,
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.ids import content_hash
+from tasks.core.settings import get_settings
 from tasks.evaluate.config import (
     DEFAULT_SCENARIOS_PATH,
     EvaluationError,
@@ -189,8 +191,6 @@ def _write_outputs(summary: dict[str, Any], results: list[ScenarioResult],
     The folder is `out_dir`, else <data_dir>/eval/<run id or adapter hash>; without `training`
     the card reads the loss curve from `run_id`'s MLflow run. Returns (card, details) paths.
     """
-    from tasks.core.settings import get_settings
-
     out = Path(out_dir) if out_dir else (
         get_settings().data_dir / "eval" / (run_id or content_hash(str(adapter_dir))[:16]))
     out.mkdir(parents=True, exist_ok=True)
@@ -240,6 +240,18 @@ def evaluate_version(version: str | int, *, val_path: Path | str, model_name: st
     return {"model_name": info["model_name"], "version": info["version"],
             "run_id": info["run_id"], "metrics": summary["metrics"], "gate": summary["gate"],
             "judge_failures": summary["judge_failures"], "card_path": summary["card_path"]}
+
+
+def evaluate_registered(registered: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """Evaluate what `tasks.register.stage.register_training` registered: base vs tuned, logged
+    to the training run, with the HTML model card under <data>/reports/model-cards/."""
+    out_dir = get_settings().data_dir / "reports" / "model-cards" / \
+        f"{registered['model_name']}-v{registered['version']}"
+    summary = evaluate_adapter(
+        registered["adapter_dir"], registered["base_model"], val_path=registered["val_path"],
+        run_id=registered["run_id"], out_dir=out_dir, **kwargs,
+    )
+    return json.loads(json.dumps(summary, default=str))
 
 
 def eval_metrics(summary: Mapping[str, Any]) -> dict[str, float]:

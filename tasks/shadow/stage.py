@@ -1,6 +1,8 @@
 """The shadow stage's entry points, the functions its DAG tasks call. `deploy_challenger` writes
 the active `deployments` row (deterministic id from versions, mode and share) and ends the
-previous one; the router picks it up within its deployment TTL; `end_deployment` ends one.
+previous one; the router picks it up within its deployment TTL; `deploy_registered` is the
+`train_and_register` DAG's step (base model as champion on a new registry, then deploy);
+`end_deployment` ends one.
 `compare_and_report` compares champion and challenger (`tasks.shadow.compare`) and writes the
 HTML/MLflow report (`tasks.shadow.report`). `apply_decision` moves the MLflow aliases (promote:
 champion ← challenger version, challenger alias removed; rollback: challenger alias removed) and
@@ -10,6 +12,7 @@ ends the deployment; it refuses a stale report (the champion alias moved since) 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -115,6 +118,19 @@ def deploy_challenger(
     return {"deployment_id": deployment_id, "model_name": name, "mode": mode, "share": share,
             "champion_version": champion_version, "challenger_version": challenger_version,
             "ended": ended, "adapters": adapters}
+
+
+def deploy_registered(registered: Mapping[str, Any], *, mode: str = "canary",
+                      share: float = 0.05) -> dict[str, Any]:
+    """Deploy a version `tasks.register.stage.register_training` registered as the challenger;
+    on a brand-new registry the base model becomes the champion first."""
+    from tasks.register.registry import ensure_champion
+
+    champion = ensure_champion(registered["model_name"], base_model=registered["base_model"])
+    return deploy_challenger(
+        registered["version"], champion_version=None, mode=mode, share=share,
+        model_name=registered["model_name"], materialize=True,
+    ) | {"champion": champion}
 
 
 def end_deployment(deployment_id: str, *, engine: Any = None) -> bool:

@@ -1,13 +1,16 @@
-"""The train → register → evaluate → shadow-deploy flow behind `train_and_register`.
+"""The training stage's entry points, the functions `train_and_register`'s training tasks call.
 
-Each step is idempotent and resumable: the run folder is keyed by the dataset and the training
-overrides, a finished training is not redone, a logged MLflow run is reused, registration is
-idempotent, and a deployment with the same versions/mode/share is a no-op.
+`resolve_dataset` picks the gated dataset, `prepare_training` renders the Axolotl config and lays
+out the run folder (keyed by the dataset, the overrides and the backend, so a rerun reuses it),
+`run_local_training` trains on the worker (a finished run folder is not retrained), and
+`collect_training` reads a finished run (local or container) into the JSON-able record the
+register stage logs (`tasks.register.stage.register_training`). Evaluation and the shadow
+deployment are their own stages (`tasks.evaluate.stage.evaluate_registered`,
+`tasks.shadow.stage.deploy_registered`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +25,6 @@ log = logging.getLogger(__name__)
 TRAINING_PARAM_KEYS = ("base_model", "num_epochs", "max_steps", "learning_rate", "lora_r",
                        "micro_batch_size", "gradient_accumulation_steps")
 BACKENDS = ("local", "docker", "kubernetes")
-RUN_RECORD = "mlflow_run.json"
 
 
 class DatasetNotTrainable(RuntimeError):
@@ -142,62 +144,20 @@ def run_local_training(prepared: Mapping[str, Any], progress=None) -> dict[str, 
     return result.to_dict()
 
 
-def _training_result(prepared: Mapping[str, Any]):
+def collect_training(prepared: Mapping[str, Any]) -> dict[str, Any]:
+    """A finished run (local, or the container's output collected) as a JSON-able record: the
+    adapter folder, metrics, loss/eval curves, chat template and the resolved training config."""
     from tasks.train.local import load_train_result
 
     if prepared["backend"] != "local":
         from tasks.train.container import collect_axolotl_output
 
         collect_axolotl_output(prepared["config_path"], prepared["output_dir"])
-    return load_train_result(prepared["output_dir"])
-
-
-def register_training(prepared: Mapping[str, Any]) -> dict[str, Any]:
-    """Log the run to MLflow (once), register a version with alias challenger, stage adapter."""
-    from tasks.register.registry import materialize_adapter, register_version
-    from tasks.register.runs import load_dataset_ref, log_training_run
-
-    result = _training_result(prepared)
-    record_path = Path(prepared["run_dir"]) / RUN_RECORD
-    if record_path.exists():
-        run_id = json.loads(record_path.read_text())["run_id"]
-    else:
-        dataset = load_dataset_ref(prepared["dataset"]["dataset_id"])
-        run_id = log_training_run(result, _config(prepared), dataset=dataset,
-                                  run_name=f"train-{prepared['run_key']}")
-        record_path.write_text(json.dumps({"run_id": run_id}))
-    registered = register_version(run_id)
-    adapter = materialize_adapter(registered["version"])
+    result = load_train_result(prepared["output_dir"])
     return {
-        "version": str(registered["version"]), "model_name": registered["model_name"],
-        "run_id": run_id, "adapter_dir": str(adapter or result.adapter_dir),
-        "base_model": prepared["base_model"], "val_path": prepared["dataset"]["val_path"],
-        "dataset_id": prepared["dataset"]["dataset_id"],
-        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
+        **result.to_dict(),
+        "loss_curve": [list(point) for point in result.loss_curve],
+        "eval_curve": [list(point) for point in result.eval_curve],
+        "chat_template": result.chat_template,
+        "config": _config(prepared).model_dump(mode="json"),
     }
-
-
-def evaluate_registered(registered: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
-    """Base vs tuned evaluation, logged to the training run, with the HTML model card."""
-    from tasks.evaluate.stage import evaluate_adapter
-
-    out_dir = get_settings().data_dir / "reports" / "model-cards" / \
-        f"{registered['model_name']}-v{registered['version']}"
-    summary = evaluate_adapter(
-        registered["adapter_dir"], registered["base_model"], val_path=registered["val_path"],
-        run_id=registered["run_id"], out_dir=out_dir, **kwargs,
-    )
-    return json.loads(json.dumps(summary, default=str))
-
-
-def deploy_shadow(registered: Mapping[str, Any], *, mode: str = "canary",
-                  share: float = 0.05) -> dict[str, Any]:
-    """Make sure a champion exists (the base model on a new registry), then deploy."""
-    from tasks.register.registry import ensure_champion
-    from tasks.shadow.stage import deploy_challenger
-
-    champion = ensure_champion(registered["model_name"], base_model=registered["base_model"])
-    return deploy_challenger(
-        registered["version"], champion_version=None, mode=mode, share=share,
-        model_name=registered["model_name"], materialize=True,
-    ) | {"champion": champion}

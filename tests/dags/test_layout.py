@@ -29,7 +29,7 @@ def test_no_module_is_over_the_line_limit(path):
 def test_every_stage_is_a_package_with_its_dag_entry_module_and_mirrored_tests(stage):
     package = ROOT / "tasks" / stage
     assert (package / "__init__.py").is_file(), f"tasks/{stage}/ is not a package"
-    entry = "registry.py" if stage == "register" else "stage.py"
+    entry = "stage.py"
     assert (package / entry).is_file(), f"tasks/{stage}/{entry} (what its DAG tasks call) is missing"
     assert any((ROOT / "tests" / "unit" / stage).glob("test_*.py")), (
         f"tests/unit/{stage}/ has no tests: tests mirror the packages")

