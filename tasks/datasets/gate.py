@@ -8,8 +8,7 @@ texts (the detectors of `tasks.datasets.deid.PII_KINDS`, plus known-name hits).
 
 It runs in an ephemeral GX context (nothing persisted outside the snapshot), builds Data Docs HTML
 into the folder it is given, and returns a small JSON-able dict. A failed gate raises nothing by
-itself: callers record it (curate() stores gate_passed=False and the DAG short-circuits) or call
-`raise_for_gate` to turn it into `GateFailed`.
+itself: callers record it (curate() stores gate_passed=False and the DAG short-circuits).
 
 Every expectation carries a stable gate name in its `meta` (e.g. ``no_pii``), which is what
 `failed_expectations` lists. Unexpected *values* are never rendered (only conversation ids), so
@@ -68,22 +67,6 @@ RESULT_FORMAT: dict[str, Any] = {
     "partial_unexpected_count": 20,
     "exclude_unexpected_values": True,
 }
-
-
-class GateFailed(RuntimeError):
-    """The gate rejected a dataset; carries the failed expectation names and the Data Docs path."""
-
-    def __init__(self, failed_expectations: list[str], *, dataset_id: str | None = None,
-                 data_docs: str | None = None, details: dict[str, Any] | None = None):
-        self.failed_expectations = list(failed_expectations)
-        self.dataset_id = dataset_id
-        self.data_docs = data_docs
-        self.details = details or {}
-        where = f" for dataset {dataset_id}" if dataset_id else ""
-        docs = f"; see Data Docs at {data_docs}" if data_docs else ""
-        super().__init__(
-            f"quality gate failed{where}: {', '.join(self.failed_expectations)}{docs}"
-        )
 
 
 class GateSpec(BaseModel):
@@ -379,11 +362,3 @@ def run_signal_gate(frame: Any, spec: SignalGateSpec, *, docs_dir: Path | None =
                          "tasks.signals.stage.signal_frame(...)")
     return run_suite(frame, lambda: build_signal_suite(spec), docs_dir=docs_dir,
                      id_column="interaction_id")
-
-
-def raise_for_gate(result: dict[str, Any], *, dataset_id: str | None = None) -> None:
-    """Raise GateFailed when a gate result did not pass (for callers that want an exception)."""
-    if not result.get("success", result.get("gate_passed")):
-        raise GateFailed(result.get("failed_expectations", []), dataset_id=dataset_id,
-                         data_docs=result.get("data_docs"), details={
-                             r["name"]: r for r in result.get("results", []) if not r["success"]})

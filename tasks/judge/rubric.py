@@ -157,10 +157,6 @@ class Rubric(BaseModel):
     def version(self) -> str:
         return content_hash(self.model_dump(mode="json"))[:16]
 
-    @cached_property
-    def category_of(self) -> dict[str, str]:
-        return {cid: name for name, cat in self.categories.items() for cid in cat.criteria}
-
     def criterion_ids(self) -> list[str]:
         """Criteria in category order (the order prompts and reports use)."""
         return [cid for cat in self.categories.values() for cid in cat.criteria]

@@ -16,7 +16,6 @@ from tasks.core.llm.cache import (
 )
 from tasks.core.llm.client import (
     ChatResult,
-    LLMCallFailed,
     LLMClient,
     LLMConfigError,
     StructuredResult,
@@ -30,7 +29,6 @@ from tasks.core.llm.usage import UsageTracker
 __all__ = [
     "ChatResult",
     "InMemoryResponseCache",
-    "LLMCallFailed",
     "LLMClient",
     "LLMConfigError",
     "PostgresResponseCache",

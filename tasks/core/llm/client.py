@@ -54,17 +54,6 @@ class LLMConfigError(ValueError):
     """The client was built with impossible settings; the message says what to pass instead."""
 
 
-class LLMCallFailed(RuntimeError):
-    """Raised only on request (`ChatResult.raise_for_error()`): carries the failed result."""
-
-    def __init__(self, result: ChatResult) -> None:
-        super().__init__(
-            f"LLM call to {result.endpoint} failed after {result.attempts} attempt(s): "
-            f"{result.error}"
-        )
-        self.result = result
-
-
 @dataclass(frozen=True, slots=True)
 class ChatResult:
     """One logical chat request's outcome. `usage` sums every attempt that returned a body."""
@@ -87,10 +76,6 @@ class ChatResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def raise_for_error(self) -> ChatResult:
-        if not self.ok:
-            raise LLMCallFailed(self)
-        return self
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@ atomic, never-overwriting snapshot writer."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -11,7 +12,6 @@ from tasks.datasets.export import (
     ExportRow,
     SnapshotWriter,
     chat_messages,
-    file_sha256,
     snapshot_hash,
     to_alpaca,
     to_openai,
@@ -70,7 +70,7 @@ def test_training_files_carry_only_training_fields_provenance_adds_metadata(tmp_
     assert len(train) == 2 and set(train[0]) == {"messages"}
     assert prov[0] == {**train[0], "metadata": {"conversation_id": "i1",
                                                 "tags": {"emotion": "calm"}}}
-    assert all(h == file_sha256(tmp_path / rel) for rel, h in files.items())
+    assert all(h == hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest() for rel, h in files.items())
 
 
 def test_snapshot_hash_depends_on_rows_splits_and_filters_not_order():
