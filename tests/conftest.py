@@ -125,15 +125,35 @@ def engine(database_url: str):
     return engine_for(database_url)
 
 
-@pytest.fixture()
-def fresh_engine(make_database):
-    """An engine on a brand-new migrated database (for tests that count rows exactly)."""
+@pytest.fixture(scope="session")
+def make_engine(make_database):
+    """Factory: an engine on a brand-new migrated database named after `prefix`."""
     from tasks.core.db.engine import engine_for, migrate
 
-    url = make_database()
-    eng = engine_for(url)
-    migrate(eng)
-    return eng
+    def factory(prefix: str = "tuneloop_test"):
+        eng = engine_for(make_database(prefix))
+        migrate(eng)
+        return eng
+
+    return factory
+
+
+@pytest.fixture()
+def fresh_engine(make_engine):
+    """An engine on a brand-new migrated database (for tests that count rows exactly)."""
+    return make_engine()
+
+
+@pytest.fixture()
+def data_dir(tmp_path, monkeypatch):
+    """TUNELOOP_DATA_DIR -> a temp folder for one test (settings cache cleared around it)."""
+    from tasks.core.settings import get_settings
+
+    monkeypatch.setenv("TUNELOOP_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    yield tmp_path / "data"
+    monkeypatch.undo()
+    get_settings.cache_clear()
 
 
 @pytest.fixture()

@@ -6,7 +6,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 from sqlalchemy import func, select
 
 from tasks.core.db.engine import session_scope, upsert
@@ -21,7 +20,6 @@ from tasks.core.db.models import (
     TagResult,
 )
 from tasks.core.ids import stable_id
-from tasks.core.settings import get_settings
 from tasks.curate.config import CurationConfig
 from tasks.curate.stage import curate, explain_exclusion
 from tasks.datasets.deid import find_pii
@@ -32,15 +30,6 @@ PERSONAS = [("p-maya", "Maya Ortiz"), ("p-jonas", "Jonas Berg"), ("p-ines", "Ine
             ("p-ravi", "Ravi Menon")]
 WORDS = ("plan budget sleep manager friend exam habit walk savings focus morning deadline "
          "partner team energy journal").split()
-
-
-@pytest.fixture()
-def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNELOOP_DATA_DIR", str(tmp_path / "data"))
-    get_settings.cache_clear()
-    yield tmp_path / "data"
-    monkeypatch.undo()
-    get_settings.cache_clear()
 
 
 def _unit(rng: np.random.Generator) -> list[float]:

@@ -35,12 +35,9 @@ def _point_settings_at(engine, patch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def db(make_database):
+def db(make_engine):
     """One migrated database for the module (tests filter by batch id); settings point at it."""
-    from tasks.core.db.engine import engine_for, migrate
-
-    engine = engine_for(make_database("tuneloop_gen"))
-    migrate(engine)
+    engine = make_engine("tuneloop_gen")
     with pytest.MonkeyPatch.context() as patch:
         _point_settings_at(engine, patch)
         yield engine

@@ -36,12 +36,8 @@ def challenger_says(request: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def router_engine(make_database):
-    from tasks.core.db.engine import engine_for, migrate
-
-    engine = engine_for(make_database("tuneloop_router"))
-    migrate(engine)
-    return engine
+def router_engine(make_engine):
+    return make_engine("tuneloop_router")
 
 
 @pytest.fixture(scope="module")

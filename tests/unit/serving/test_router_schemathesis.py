@@ -21,11 +21,8 @@ MIN_TOTAL_CASES = 1000
 
 
 @pytest.fixture(scope="module")
-def router_app(make_database):
-    from tasks.core.db.engine import engine_for, migrate
-
-    engine = engine_for(make_database("tuneloop_schemathesis"))
-    migrate(engine)
+def router_app(make_engine):
+    engine = make_engine("tuneloop_schemathesis")
     with FakeOpenAIServer(model_ids=("champ",)) as champion, \
             FakeOpenAIServer(model_ids=("chall",)) as challenger:
         config = RouterConfig(

@@ -40,12 +40,8 @@ T0 = datetime(2026, 5, 1, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
-def shadow_engine(make_database):
-    from tasks.core.db.engine import engine_for, migrate
-
-    engine = engine_for(make_database("tuneloop_shadow"))
-    migrate(engine)
-    return engine
+def shadow_engine(make_engine):
+    return make_engine("tuneloop_shadow")
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,8 @@ API_KEY = "sim-key"
 
 
 @pytest.fixture(scope="module")
-def sim_engine(make_database):
-    from tasks.core.db.engine import engine_for, migrate
-
-    engine = engine_for(make_database("tuneloop_simulate"))
-    migrate(engine)
-    return engine
+def sim_engine(make_engine):
+    return make_engine("tuneloop_simulate")
 
 
 @pytest.fixture(scope="module")

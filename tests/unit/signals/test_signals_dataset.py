@@ -30,15 +30,6 @@ LAST = ["Okonkwo", "Vasquez-Lindgren", "Haverbrook", "Castellanos", "Nakashima"]
 SMALL = SignalConfig(min_positive=100, min_negative=100, pair_by_embedding=False)
 
 
-@pytest.fixture()
-def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNELOOP_DATA_DIR", str(tmp_path / "data"))
-    get_settings.cache_clear()
-    yield tmp_path / "data"
-    monkeypatch.undo()
-    get_settings.cache_clear()
-
-
 def planted_event(i: int) -> dict:
     first, last = FIRST[i % len(FIRST)], LAST[i % len(LAST)]
     email = f"{first.lower()}.{last.lower()}{i}@mail.example.com"
@@ -87,12 +78,9 @@ def thousand(fresh_engine):
 
 
 @pytest.fixture(scope="module")
-def built(make_database, tmp_path_factory):
+def built(make_engine, tmp_path_factory):
     """The 1000 planted events, built once for the tests that only read the result."""
-    from tasks.core.db.engine import engine_for, migrate
-
-    engine = engine_for(make_database())
-    migrate(engine)
+    engine = make_engine()
     events = [planted_event(i) for i in range(1000)]
     store(engine, events, [reaction_for(i) for i in range(1000)])
     mp = pytest.MonkeyPatch()
