@@ -19,9 +19,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
+EXAMPLES = """examples:
+  {prog} --count 10 --turns 2
+  {prog} --preview 3
+  {prog} --count 200 --base-url http://127.0.0.1:8000/v1 --model Qwen/Qwen2.5-7B-Instruct
+"""
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tasks.generate", description=__doc__.splitlines()[0])
+
+def _parser(prog: str = "python -m tasks.generate") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                epilog=EXAMPLES.format(prog=prog),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--count", type=int, default=10, help="conversations to generate (default 10)")
     p.add_argument("--turns", type=int, default=2, help="user+assistant exchanges (default 2)")
     p.add_argument("--seed", type=int, default=42)
@@ -74,8 +82,8 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m tasks.generate") -> int:
+    args = _parser(prog).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from tasks.generate import GenerationConfig, format_preview, preview, run_generation

@@ -2,8 +2,8 @@
 
 One row per model version from an MLflow registry query: aliases (champion/challenger), the
 training run, its dataset and base model, and the evaluation metrics that `tasks.evaluate.stage` logged
-to that run (perplexity, rubric pass rate, win rate, ELO). `python -m tasks.register.view`
-prints the table; `--json` prints the rows.
+to that run (perplexity, rubric pass rate, win rate, ELO). `tuneloop adapters` (or
+`python -m tasks.register.view`) prints the table; `--json` prints the rows.
 """
 
 from __future__ import annotations

@@ -1,0 +1,150 @@
+"""`tuneloop tag | curate | build-reaction-dataset`: the data stages, with their DAGs' Params as
+flags (same names, same defaults) and the same config classes (`from_params`) the DAGs build."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from tasks.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SKIPPED,
+    add_command,
+    build_config,
+    csv_list,
+    emit,
+    flag,
+    params_of,
+    refusals,
+)
+
+log = logging.getLogger(__name__)
+
+# The Params of dags/tag_conversations.py, dags/curate_dataset.py and
+# dags/build_reaction_dataset.py with their defaults (tests/unit/test_cli.py holds them equal).
+TAGGERS = ["emotion", "topic", "temporal", "belief", "hallucination"]
+JUDGES = ["judge", "judge2"]
+# TaggingConfig.from_params maps these Param names onto its fields; errors name the fields.
+TAG_FIELD_FLAGS = {"backends": "--classifier-backend", "policy": "--judge-policy",
+                   "batch_ids": "--batch-id"}
+
+
+def _tag(args: argparse.Namespace) -> int:
+    from tasks.tag.config import TaggingConfig
+
+    cfg = build_config(TaggingConfig.from_params, params_of(args),
+                       {**args.flags, **TAG_FIELD_FLAGS}, "tagging")
+    from tqdm import tqdm
+
+    from tasks.core.settings import get_settings
+    from tasks.tag.stage import run_tagging
+
+    out_dir = get_settings().data_dir / "reports" / "tagging"  # where the DAG's stats task writes
+    with tqdm(desc="tag + judge", unit="task", disable=None) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        result = run_tagging(cfg, progress=progress, out_dir=out_dir)
+    emit(result)
+    return EXIT_OK
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from tasks.curate.config import CurationConfig, CurationError
+
+    cfg = build_config(CurationConfig.from_params, params_of(args), args.flags, "curation")
+    from tasks.curate.stage import curate
+
+    with refusals(CurationError):
+        result = curate(cfg)
+    emit(result)
+    if not result["gate_passed"]:  # the DAG's gate_passed short-circuit: training does not run
+        log.error("gate failed for dataset %s: %s (Data Docs: %s)", result["dataset_id"],
+                  ", ".join(result["failed_expectations"]), result.get("data_docs"))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _build_reaction_dataset(args: argparse.Namespace) -> int:
+    from tasks.signals.stage import SignalConfig, build_reaction_dataset_or_skip
+
+    cfg = build_config(SignalConfig.from_params, params_of(args), args.flags, "signal")
+    result = build_reaction_dataset_or_skip(cfg)
+    emit(result)
+    if not result.get("built"):  # too few signals (the stage logged the counts): a skip, as
+        return EXIT_SKIPPED       # the DAG's enough_signals short-circuit
+    if not result.get("gate_passed", True):
+        log.error("gate failed for dataset %s: %s", result.get("dataset_id"),
+                  ", ".join(result.get("failed_expectations") or []))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _tag_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    tag = add_command(
+        sub, "tag", _tag, parents=parents, mirrors="the tag_conversations DAG",
+        summary="run the taggers and the rubric judge over conversations missing a result",
+        examples=["tuneloop tag",
+                  "tuneloop tag --batch-id b-1a2b3c --taggers emotion,topic --judges judge",
+                  "tuneloop tag --classifier-backend llm --retries 20 --judges none"])
+    flag(tag, "--taggers", type=csv_list, default=TAGGERS, metavar="A,B",
+         help="comma-separated taggers to run")
+    flag(tag, "--classifier-backend", choices=("embedding", "llm"), default="embedding",
+         help="backend for emotion/topic/temporal")
+    flag(tag, "--retries", type=int, default=3,
+         help="LLM attempts per tagger before recording a failure")
+    flag(tag, "--judges", type=csv_list, default=JUDGES, metavar="A,B",
+         help="comma-separated judge slots; 'none' skips judging")
+    flag(tag, "--judge-policy", choices=("both", "either"), default="both")
+    flag(tag, "--batch-id", default="", help="limit to one generation batch (empty = all)")
+    flag(tag, "--shard-size", type=int, default=50)
+
+
+def _curate_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    curate = add_command(
+        sub, "curate", _curate, parents=parents, mirrors="the curate_dataset DAG",
+        summary="filter tagged conversations, run the Great Expectations gate and write a "
+                "dataset snapshot",
+        examples=["tuneloop curate",
+                  "tuneloop curate --batch-id b-1a2b3c --min-rows 5",
+                  "tuneloop curate --require-rubric-pass --max-hallucination 0.05 "
+                  "--val-fraction 0.2"])
+    flag(curate, "--max-hallucination", type=float, default=0.1)
+    flag(curate, "--min-emotion-confidence", type=float, default=0.0)
+    flag(curate, "--require-rubric-pass", action=argparse.BooleanOptionalAction, default=False,
+         help="drop rows whose rubric score is below the pass threshold (safety-gate failures "
+              "always drop)")
+    flag(curate, "--min-rows", type=int, default=10)
+    flag(curate, "--batch-id", default="", help="limit to one generation batch (empty = all)")
+    flag(curate, "--seed", type=int, default=13)
+    flag(curate, "--val-fraction", type=float, default=None,
+         help="validation share in [0, 0.5) (default: the config's 0.1)")
+
+
+def _signals_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    build = add_command(
+        sub, "build-reaction-dataset", _build_reaction_dataset, parents=parents,
+        mirrors="the build_reaction_dataset DAG",
+        summary="turn served interactions and their reactions into an SFT + DPO dataset",
+        examples=["tuneloop build-reaction-dataset",
+                  "tuneloop build-reaction-dataset --min-positive 50 --min-negative 50",
+                  "tuneloop build-reaction-dataset --done-min-ms 10000 --dismiss-max-ms 3000"])
+    build.epilog += ("\n\nBelow the minimum signal counts nothing is built: the summary says "
+                     "\"built\": false with the counts, and the exit status is 3 (skipped).")
+    flag(build, "--min-positive", type=int, default=500)
+    flag(build, "--min-negative", type=int, default=500)
+    flag(build, "--done-min-ms", type=int, default=15000,
+         help="a `done` counts as positive from this dwell ...")
+    flag(build, "--done-max-ms", type=int, default=120000, help="... up to this dwell")
+    flag(build, "--dismiss-max-ms", type=int, default=5000,
+         help="a `dismiss` under this dwell counts as negative")
+
+
+def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    _tag_parser(sub, parents)
+    _curate_parser(sub, parents)
+    _signals_parser(sub, parents)

@@ -1,0 +1,105 @@
+"""`tuneloop migrate | demo | serve-model | serve-router | generate | adapters`: the schema, the
+offline demo, the two long-running services, conversation generation and the registry view."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from tasks.cli.common import add_command, flag, params_of
+
+
+def _migrate(_: argparse.Namespace) -> int:
+    from tasks.core.db.engine import get_engine, migrate
+
+    engine = get_engine()
+    migrate(engine)
+    print(f"tuneloop schema is up to date on {engine.url.render_as_string(hide_password=True)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tasks.demo import DemoConfig, run_demo
+
+    params = params_of(args)
+    run_demo(DemoConfig(conversations=params["conversations"], turns=params["turns"],
+                        train_steps=params["train_steps"],
+                        simulated_requests=params["simulated_requests"]))
+    return 0
+
+
+def _serve_model(args: argparse.Namespace) -> int:
+    from serving.model_server import main as serve
+
+    return serve(["--host", args.host, "--port", str(args.port)]) or 0
+
+
+def _serve_router(args: argparse.Namespace) -> int:
+    from serving.router import main as serve
+
+    return serve(["--host", args.host, "--port", str(args.port)]) or 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tasks.generate.__main__ import main as generate
+
+    rest = list(args.rest)
+    if getattr(args, "verbose", False) and "--log-level" not in rest:
+        rest += ["--log-level", "DEBUG"]
+    return generate(rest, prog="tuneloop generate") or 0
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    from tasks.register.view import main as view
+
+    argv = (["--model-name", args.model_name] if args.model_name else []) + \
+        (["--json"] if args.json else [])
+    return view(argv) or 0
+
+
+def register_first(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """migrate and generate: what a pipeline run starts with."""
+    add_command(sub, "migrate", _migrate, parents=parents,
+                summary="apply the Postgres schema (Alembic) to DATABASE_URL or the embedded DB",
+                examples=["tuneloop migrate",
+                          "DATABASE_URL=postgresql://u:pw@db:5432/tuneloop tuneloop migrate"])
+    # Its flags are tasks.generate's own (`tuneloop generate --help` prints them): main() hands
+    # everything after `generate` over unparsed.
+    gen = sub.add_parser("generate", add_help=False, parents=parents,
+                         help="generate synthetic conversations (mirrors generate_conversations; "
+                              "`tuneloop generate --help` lists its flags)")
+    gen.set_defaults(fn=_generate, flags={}, rest=[])
+
+
+def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """adapters, the two services and the demo."""
+    from tasks.core.settings import DEFAULT_MODEL_SERVER_PORT, DEFAULT_ROUTER_PORT
+
+    adapters = add_command(sub, "adapters", _adapters, parents=parents,
+                           summary="list registered adapter versions side by side",
+                           examples=["tuneloop adapters", "tuneloop adapters --json"])
+    adapters.add_argument("--model-name", default=None,
+                          help="registered model (default: TUNELOOP_REGISTERED_MODEL_NAME)")
+    adapters.add_argument("--json", action="store_true", help="print rows as JSON")
+
+    for name, fn, port, what in (
+        ("serve-model", _serve_model, DEFAULT_MODEL_SERVER_PORT,
+         "local OpenAI-compatible SmolLM2 server (+ LoRA adapters)"),
+        ("serve-router", _serve_router, DEFAULT_ROUTER_PORT,
+         "champion/challenger router + reactions API"),
+    ):
+        server = add_command(sub, name, fn, parents=parents, summary=what,
+                             examples=[f"tuneloop {name}",
+                                       f"tuneloop {name} --host 0.0.0.0 --port {port}"])
+        server.add_argument("--host", default="127.0.0.1")
+        server.add_argument("--port", type=int, default=port)
+
+    demo = add_command(sub, "demo", _demo, parents=parents,
+                       summary="run the whole loop offline on embedded defaults",
+                       examples=["tuneloop demo", "tuneloop demo --conversations 20 "
+                                 "--train-steps 4 --requests 120"])
+    flag(demo, "--conversations", type=int, default=50, help="conversations to generate")
+    flag(demo, "--turns", type=int, default=1, help="user+assistant exchanges")
+    flag(demo, "--train-steps", type=int, default=10, help="LoRA steps")
+    flag(demo, "--requests", "simulated_requests", type=int, default=240,
+         help="simulated router requests")
