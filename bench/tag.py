@@ -102,7 +102,8 @@ async def bare_ceiling(base_url: str, n: int, concurrency: int) -> float:
     """Seconds for n plain AsyncOpenAI calls with `concurrency` in flight (tagger prompts)."""
     import openai
 
-    from tasks.tag.taggers import ConversationInput, get_tagger
+    from tasks.tag.backends import get_tagger
+    from tasks.tag.taggers import ConversationInput
 
     tagger = get_tagger("emotion", "llm", "fake-model")
     conv = ConversationInput("bare", [{"role": "user", "content": _OPENERS[0]}])
@@ -200,7 +201,8 @@ def tokens(args: argparse.Namespace) -> None:
     from tasks.judge.rubric import load_rubric
     from tasks.judge.stage import combined_messages as judge_combined
     from tasks.judge.stage import criterion_messages
-    from tasks.tag.taggers import ConversationInput, combined_messages, get_tagger
+    from tasks.tag.backends import get_tagger
+    from tasks.tag.taggers import ConversationInput, combined_messages
     from tests.fakes.tag_responders import tagging_responder
 
     tokenizer = _tokenizer()

@@ -78,6 +78,7 @@ from serving.openai_schema import (
     error_response,
 )
 from serving.proxy import proxy_completion, proxy_stream
+from serving.reactions import ReactionIn, reactions_router
 from serving.router_config import MODEL_TEMPLATES, RouterConfig, RouterError
 from serving.routing import (
     RoutingState,
@@ -408,8 +409,6 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
     async def root() -> dict[str, str]:
         return {"service": "tuneloop router", "openapi": "/openapi.json"}
 
-    from serving.reactions import reactions_router
-
     api.include_router(reactions_router(router))
     app.include_router(api)
     app.fast_routes = {("POST", "/v1/chat/completions"): chat_completions}
@@ -454,8 +453,6 @@ def _pin_public_model_in_schema(app: FastAPI, public_model: str) -> None:
             components.update(request_schema.pop("$defs", {}))
             components["ChatCompletionRequest"] = request_schema
             request_schema["properties"]["model"]["enum"] = [public_model]
-            from serving.reactions import ReactionIn
-
             reaction_schema = ReactionIn.model_json_schema(
                 ref_template="#/components/schemas/{model}")
             components.update(reaction_schema.pop("$defs", {}))

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tasks.core.settings import DEFAULT_LOCAL_MODEL, Endpoint, get_settings
 from tasks.judge.rubric import Rubric, load_rubric
 from tasks.judge.stage import JUDGE_SLOTS
-from tasks.tag.taggers import TAGGER_NAMES, TAGGERS, BaseTagger, get_tagger
+from tasks.tag.backends import get_tagger
+from tasks.tag.taggers import TAGGER_NAMES, TAGGERS, BaseTagger
 
 __all__ = ["EMBEDDING_CAPABLE", "BackendChoice", "TaggingConfig"]
 
@@ -184,3 +185,13 @@ class TaggingConfig(BaseModel):
 
     def rubric(self) -> Rubric:
         return load_rubric(Path(self.rubric_path) if self.rubric_path else None)
+
+
+def conversation_scope(cfg: TaggingConfig) -> list[Any]:
+    """The SQL conditions selecting the conversations a tagging run covers (ok, in its batches)."""
+    from tasks.core.db.models import Conversation
+
+    conditions = [Conversation.status == "ok"]
+    if cfg.batch_ids:
+        conditions.append(Conversation.batch_id.in_(cfg.batch_ids))
+    return conditions

@@ -32,7 +32,8 @@ from tasks.core.db.models import Conversation, Judgment, TagFailure, TaggerVersi
 from tasks.core.settings import Endpoint, get_settings
 from tasks.judge.rubric import Rubric, store_rubric
 from tasks.judge.stage import JudgeTarget, judge_conversation
-from tasks.tag.config import TaggingConfig
+from tasks.tag.backends import get_tagger
+from tasks.tag.config import TaggingConfig, conversation_scope
 from tasks.tag.taggers import (
     BACKENDS,
     TAGGERS,
@@ -40,7 +41,6 @@ from tasks.tag.taggers import (
     ConversationInput,
     TaggerOutputInvalid,
     UnknownTagger,
-    get_tagger,
 )
 
 if TYPE_CHECKING:
@@ -67,13 +67,6 @@ def _engine():
     from tasks.core.db.engine import get_engine
 
     return get_engine()
-
-
-def _scope(cfg: TaggingConfig) -> list[Any]:
-    conditions = [Conversation.status == "ok"]
-    if cfg.batch_ids:
-        conditions.append(Conversation.batch_id.in_(cfg.batch_ids))
-    return conditions
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -148,9 +141,9 @@ def _conversations(session: Session, ids: Sequence[str]) -> dict[str, Conversati
 
 def _shard_ids(session: Session, shard: dict[str, Any], cfg: TaggingConfig) -> list[str]:
     if "ids" in shard:
-        conditions = [*_scope(cfg), Conversation.id.in_(list(shard["ids"]))]
+        conditions = [*conversation_scope(cfg), Conversation.id.in_(list(shard["ids"]))]
     else:
-        conditions = [*_scope(cfg), Conversation.id >= shard["first_id"],
+        conditions = [*conversation_scope(cfg), Conversation.id >= shard["first_id"],
                       Conversation.id <= shard["last_id"]]
     return list(session.scalars(select(Conversation.id).where(and_(*conditions))
                                 .order_by(Conversation.id)))
@@ -174,7 +167,7 @@ def plan_tagging(cfg: TaggingConfig) -> list[dict[str, Any]]:
     taggers = cfg.build_taggers()
     rubric = cfg.rubric() if cfg.judges else None
     with session_scope(_engine()) as session:
-        ids = list(session.scalars(select(Conversation.id).where(and_(*_scope(cfg)))
+        ids = list(session.scalars(select(Conversation.id).where(and_(*conversation_scope(cfg)))
                                    .order_by(Conversation.id)))
         needs_tags = set(_missing_tag_pairs(session, ids, taggers)) if taggers else set()
         needs_judging: set[str] = set()

@@ -129,11 +129,11 @@ def _tagger_counts(session: Session, scope: list[Any], name: str, version: str,
 def compute_stats(cfg: TaggingConfig, out_dir: Path) -> dict[str, Any]:
     from tasks.core.db.engine import get_engine, session_scope
     from tasks.judge.scoring import judge_agreement, rubric_outcomes
-    from tasks.tag.stage import _scope
+    from tasks.tag.config import conversation_scope
 
     out_dir.mkdir(parents=True, exist_ok=True)
     taggers = {t.name: t for t in cfg.build_taggers()}
-    scope = _scope(cfg)
+    scope = conversation_scope(cfg)
     result: dict[str, Any] = {"batch_ids": cfg.batch_ids, "taggers": {}, "frequencies": {}}
     emotion_scores: list[float] = []
     hallucination_scores: list[float] = []

@@ -426,25 +426,6 @@ TAGGERS: dict[str, type[BaseTagger]] = {
 TAGGER_NAMES = tuple(TAGGERS)
 
 
-def get_tagger(name: str, backend: str = "llm", model: str = "") -> BaseTagger:
-    """A tagger bound to a backend and model (the embedding/heuristic backends pick their own)."""
-    if name not in TAGGERS:
-        raise UnknownTagger(f"unknown tagger {name!r}; use some of {', '.join(TAGGER_NAMES)}")
-    cls = TAGGERS[name]
-    if backend not in cls.backends:
-        raise UnknownTagger(f"tagger {name!r} has no {backend!r} backend; use one of "
-                            f"{', '.join(cls.backends)}")
-    if backend == "embedding":
-        from tasks.tag.embedding import EmbeddingTagger
-
-        return EmbeddingTagger.wrap(cls)
-    if backend == "heuristic":
-        from tasks.tag.heuristic import HeuristicTagger
-
-        return HeuristicTagger.wrap(cls)
-    return cls(backend=backend, model=model)
-
-
 # ---- combined prompt (all taggers in one request; measured by bench/tag.py) -------------------
 def combined_messages(taggers: Sequence[BaseTagger],
                       conversation: ConversationInput) -> list[dict[str, str]]:

@@ -18,9 +18,9 @@ from tasks.train.config import (
     DatasetSpec,
     TrainingConfigError,
     TrainingError,
-    check_sequence_len,
     load_training_config,
 )
+from tasks.train.data import check_sequence_len
 from tasks.train.local import TrainResult, load_train_result, train_dataset, train_local
 
 __all__ = [

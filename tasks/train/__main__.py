@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             from transformers import AutoTokenizer
 
             from tasks.core.weights import resolve_base_model
-            from tasks.train.config import check_sequence_len
+            from tasks.train.data import check_sequence_len
 
             cfg = _config(args)
             tokenizer = AutoTokenizer.from_pretrained(str(resolve_base_model(cfg.base_model)))

@@ -482,40 +482,6 @@ def load_training_config(
     return _validate(data, source=str(path))
 
 
-def check_sequence_len(cfg: AxolotlConfig, dataset_path: Path | str, tokenizer: Any) -> dict:
-    """Raise TrainingConfigError when a row of `dataset_path` is longer than cfg.sequence_len.
-
-    Rows are tokenised exactly as training sees them (the resolved chat template), so the number
-    in the message is the one to compare. Returns {"rows", "longest_tokens", "sequence_len"}.
-    """
-    from tasks.train.data import encode_conversation, load_conversations, resolve_chat_template
-
-    dataset_path = Path(dataset_path)
-    spec = next((d for d in cfg.datasets if Path(d.path) == dataset_path), None)
-    field = spec.field_messages if spec else "messages"
-    roles = tuple(spec.roles_to_train) if spec else ("assistant",)
-    template = resolve_chat_template(cfg, tokenizer)
-    longest, longest_row = 0, -1
-    conversations = load_conversations(dataset_path, field_messages=field)
-    for index, messages in enumerate(conversations):
-        row = encode_conversation(tokenizer, messages, chat_template=template,
-                                  roles_to_train=roles, train_on_inputs=cfg.train_on_inputs)
-        if len(row.input_ids) > longest:
-            longest, longest_row = len(row.input_ids), index
-    if longest > cfg.sequence_len:
-        suggested = suggest_sequence_len(longest)
-        raise TrainingConfigError(
-            f"sequence_len {cfg.sequence_len} is below the longest kept row "
-            f"({longest} tokens, row {longest_row} of {dataset_path})",
-            fix=f"set sequence_len: {suggested} (or drop rows longer than {cfg.sequence_len} "
-                "tokens in curation)",
-            longest_tokens=longest, row_index=longest_row, suggested_sequence_len=suggested,
-            sequence_len=cfg.sequence_len, dataset_path=str(dataset_path),
-        )
-    return {"rows": len(conversations), "longest_tokens": longest,
-            "sequence_len": cfg.sequence_len}
-
-
 def suggest_sequence_len(longest_tokens: int) -> int:
     """The next multiple of 64 at or above the longest row (GPU-friendly shapes)."""
     return max(64, -(-longest_tokens // 64) * 64)

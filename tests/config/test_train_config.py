@@ -13,10 +13,10 @@ from tasks.train.config import (
     DEFAULT_CONFIG_PATH,
     AxolotlConfig,
     TrainingConfigError,
-    check_sequence_len,
     load_training_config,
     suggest_sequence_len,
 )
+from tasks.train.data import check_sequence_len
 
 DATASET = {"path": "/data/exports/ds1.jsonl"}
 

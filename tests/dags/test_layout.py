@@ -39,3 +39,19 @@ def test_no_flat_stage_module_is_left_beside_the_packages():
     flat = sorted(p.name for p in (ROOT / "tasks").glob("*.py")
                   if p.stem not in {"__init__", "cli", "demo"})
     assert flat == [], f"modules left at tasks/ top level (move them into a package): {flat}"
+
+
+def test_no_import_cycles_between_modules():
+    """No module imports (even inside a function) one that imports it back; `if TYPE_CHECKING`
+    imports are annotations only and do not count. import-linter checks the package layers."""
+    import grimp
+
+    graph = grimp.build_graph("tasks", "serving", exclude_type_checking_imports=True)
+    cycles = []
+    for module in sorted(graph.modules):
+        for imported in graph.find_modules_directly_imported_by(module):
+            if module < imported and graph.chain_exists(imported=module, importer=imported):
+                cycles.append((module, imported,
+                               graph.find_shortest_chain(importer=imported, imported=module)))
+    assert cycles == [], "import cycles (move the shared piece down a layer): " + "; ".join(
+        f"{a} -> {b} -> ... -> {a} via {chain}" for a, b, chain in cycles)

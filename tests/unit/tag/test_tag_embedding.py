@@ -10,10 +10,11 @@ import pytest
 
 from tasks.core.db.engine import session_scope, upsert
 from tasks.core.db.models import Conversation, GenerationBatch
+from tasks.tag.backends import get_tagger
 from tasks.tag.config import TaggingConfig
 from tasks.tag.embedding import fit_temperature, label_space
 from tasks.tag.stage import latest_tags, run_tagging
-from tasks.tag.taggers import ConversationInput, get_tagger, load_labels
+from tasks.tag.taggers import ConversationInput, load_labels
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tasks.tag.taggers import ConversationInput, get_tagger
+from tasks.tag.backends import get_tagger
+from tasks.tag.taggers import ConversationInput
 
 HALLUCINATION = get_tagger("hallucination", "heuristic")
 BELIEF = get_tagger("belief", "heuristic")

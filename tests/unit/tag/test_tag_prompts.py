@@ -9,6 +9,7 @@ import pytest
 
 from tasks.core.paths import PROMPTS_DIR
 from tasks.tag import taggers as taggers_module
+from tasks.tag.backends import get_tagger
 from tasks.tag.taggers import (
     MAX_MESSAGE_CHARS,
     TAGGER_NAMES,
@@ -17,7 +18,6 @@ from tasks.tag.taggers import (
     TaggerOutputInvalid,
     UnknownTagger,
     combined_messages,
-    get_tagger,
     split_combined_output,
 )
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.tag.taggers import TaggerOutputInvalid, get_tagger
+from tasks.tag.backends import get_tagger
+from tasks.tag.taggers import TaggerOutputInvalid
 
 EMOTION = get_tagger("emotion", "llm", "m")
 HALLUCINATION = get_tagger("hallucination", "llm", "m")
