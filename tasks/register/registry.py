@@ -218,7 +218,8 @@ def get_version_info(version: str | int, *, model_name: str | None = None) -> di
         mv = client.get_model_version(name, str(version))
     except MlflowException as exc:
         raise RegistryError(
-            f"{name} has no version {version}; list versions with `tuneloop adapters`", model_name=name, version=str(version),
+            f"{name} has no version {version}; list versions with `tuneloop adapters`",
+            model_name=name, version=str(version),
         ) from exc
     return {
         "model_name": name, "version": str(mv.version), "run_id": mv.run_id,
