@@ -54,13 +54,10 @@ class ShadowDeployParams(BaseModel):
     @field_validator("share")
     @classmethod
     def _share(cls, value: float, info: Any) -> float:
-        mode = info.data.get("mode", "canary")
-        if mode == "canary" and not 0.0 < value <= 1.0:
-            raise ValueError(f"share must be within (0, 1] for canary (got {value}); "
-                             "set share: 0.05 (5% of users see the challenger)")
-        if mode == "mirror" and not 0.0 <= value <= 1.0:
-            raise ValueError(f"share must be within [0, 1] for mirror (got {value}); "
-                             "set share: 1.0 (copy every request to the challenger)")
+        from tasks.shadow.config import share_problem  # the rule deploy_challenger applies
+
+        if (problem := share_problem(info.data.get("mode", "canary"), value)) is not None:
+            raise ValueError(problem)
         return value
 
     @classmethod

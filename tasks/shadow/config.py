@@ -20,6 +20,19 @@ DWELL_BINS_MS = (5_000, 15_000, 60_000, 120_000)  # histogram edges: <5s, 5-15s,
 DWELL_BIN_LABELS = ("<5s", "5-15s", "15-60s", "60-120s", ">120s")
 
 
+def share_problem(mode: str, share: float) -> str | None:
+    """Why `share` does not fit `mode` (with the fix), or None: canary needs 0 < share <= 1 (the
+    fraction of users the challenger serves), otherwise 0 <= share <= 1 (mirror: the fraction
+    of users whose requests are copied)."""
+    if mode == "canary" and not 0.0 < share <= 1.0:
+        return (f"share must be within (0, 1] for canary (got {share}); "
+                "set share: 0.05 (5% of users see the challenger)")
+    if not 0.0 <= share <= 1.0:
+        return (f"share must be within [0, 1] for {mode} (got {share}); "
+                "set share: 1.0 (copy every request to the challenger)")
+    return None
+
+
 class ShadowError(RuntimeError):
     """A deployment/comparison step cannot proceed; carries the ids the user needs to act."""
 

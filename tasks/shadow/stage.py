@@ -26,6 +26,7 @@ from tasks.shadow.config import (
     MODES,
     ShadowError,
     SignalWindows,
+    share_problem,
 )
 from tasks.shadow.deployments import deployment_id_for, generation_id, shadow_engine
 from tasks.shadow.report import mlflow_client, write_report_files
@@ -69,11 +70,8 @@ def deploy_challenger(
 
     if mode not in MODES:
         raise ShadowError(f"mode {mode!r} is not one of {', '.join(MODES)}; e.g. mode='canary'")
-    if not 0.0 <= share <= 1.0 or (mode == "canary" and share == 0.0):
-        raise ShadowError(
-            f"share {share} is out of range; use 0 < share <= 1 for canary (e.g. 0.05 = 5% of "
-            "users) and 0 <= share <= 1 for mirror (e.g. 1.0 = copy every request)"
-        )
+    if (problem := share_problem(mode, share)) is not None:
+        raise ShadowError(problem)
     challenger_version = str(challenger_version).strip()
     if not challenger_version:
         raise ShadowError("challenger_version is empty; pass the registered version, e.g. '3'")

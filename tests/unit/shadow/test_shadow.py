@@ -169,6 +169,7 @@ def test_redeploying_an_ended_configuration_starts_a_fresh_deployment(shadow_eng
     ({"mode": "blue-green"}, "mode"),
     ({"mode": "canary", "share": 0.0}, "share"),
     ({"mode": "canary", "share": 1.5}, "share"),
+    ({"mode": "mirror", "share": 1.5}, "within \\[0, 1\\] for mirror"),
     ({"champion_version": "2"}, "both version 2"),
 ])
 def test_deploy_challenger_rejects_bad_arguments(shadow_engine, model_name, kwargs, message):
