@@ -27,6 +27,7 @@ from tasks.cli.common import (
 
 log = logging.getLogger(__name__)
 
+# tasks.train.stage.BACKENDS, spelled here so `--help` imports no stage (a test holds them equal).
 BACKENDS = ("local", "docker", "kubernetes")
 # Params of dags/train_and_register.py that shape the Axolotl config (the rest pick the dataset
 # and the backend); tests/unit/test_cli.py holds the defaults equal to the DAG's.

@@ -390,3 +390,10 @@ def test_migrate_then_build_reaction_dataset_on_an_empty_database_is_a_clear_ski
     assert (summary["min_positive"], summary["min_negative"]) == (5, 5)
     assert "not enough reaction signals" in summary["reason"]
     assert "not enough reaction signals" in built.stderr  # the log line, on stderr
+
+
+def test_train_backend_choices_are_the_train_stage_backends():
+    from tasks.cli.model import BACKENDS
+    from tasks.train.stage import BACKENDS as STAGE_BACKENDS
+
+    assert BACKENDS == STAGE_BACKENDS
