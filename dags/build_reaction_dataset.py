@@ -41,6 +41,10 @@ BUILT_TASK_ID = "enough_signals"
         "done_min_ms": Param(15000, type="integer", minimum=0),
         "done_max_ms": Param(120000, type="integer", minimum=0),
         "dismiss_max_ms": Param(5000, type="integer", minimum=0),
+        "pseudonymize": Param(False, type="boolean",
+                              description="numbered placeholders consistent within a "
+                                          "conversation (<PERSON_1>, <EMAIL_1>) instead of "
+                                          "typed ones (<PERSON>)"),
     }),
 )
 def build_reaction_dataset():

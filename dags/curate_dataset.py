@@ -45,6 +45,10 @@ GATE_TASK_ID = "gate_passed"
         "min_rows": Param(10, type="integer", minimum=1),
         "batch_id": Param("", type="string", description="limit to one generation batch"),
         "seed": Param(13, type="integer"),
+        "pseudonymize": Param(False, type="boolean",
+                              description="numbered placeholders consistent within a "
+                                          "conversation (<PERSON_1>, <EMAIL_1>) instead of "
+                                          "typed ones (<PERSON>)"),
     }),
 )
 def curate_dataset():

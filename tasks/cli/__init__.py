@@ -1,7 +1,7 @@
 """`tuneloop <command>` (also `python -m tasks.cli`): one command line, a subcommand per stage and
 service, each calling the same stage functions its DAG calls with the same config.
 
-    data       migrate, generate, tag, curate, build-reaction-dataset
+    data       migrate, generate, tag, curate, build-reaction-dataset, scrub
     model      train (+ register), evaluate, shadow-deploy, shadow-compare, adapters
     services   serve-model, serve-router, demo
 

@@ -1,4 +1,4 @@
-"""`tuneloop tag | curate | build-reaction-dataset`: the data stages, with their DAGs' Params as
+"""`tuneloop tag | curate | build-reaction-dataset` (and `scrub`, tasks.cli.scrub): the data stages, with their DAGs' Params as
 flags (same names, same defaults) and the same config classes (`from_params`) the DAGs build."""
 
 from __future__ import annotations
@@ -123,6 +123,9 @@ def _curate_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     flag(curate, "--seed", type=int, default=13)
     flag(curate, "--val-fraction", type=float, default=None,
          help="validation share in [0, 0.5) (default: the config's 0.1)")
+    flag(curate, "--pseudonymize", action=argparse.BooleanOptionalAction, default=False,
+         help="numbered placeholders consistent within a conversation (<PERSON_1>) instead of "
+              "typed ones (<PERSON>)")
 
 
 def _signals_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -142,9 +145,15 @@ def _signals_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     flag(build, "--done-max-ms", type=int, default=120000, help="... up to this dwell")
     flag(build, "--dismiss-max-ms", type=int, default=5000,
          help="a `dismiss` under this dwell counts as negative")
+    flag(build, "--pseudonymize", action=argparse.BooleanOptionalAction, default=False,
+         help="numbered placeholders consistent within a conversation (<PERSON_1>) instead of "
+              "typed ones (<PERSON>)")
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    from tasks.cli import scrub
+
     _tag_parser(sub, parents)
     _curate_parser(sub, parents)
     _signals_parser(sub, parents)
+    scrub.register(sub, parents)

@@ -13,7 +13,14 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.core.configs import http_url
@@ -24,6 +31,8 @@ LlmRole = Literal["generator", "user_sim", "tagger", "judge", "judge2"]
 DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_SERVER_PORT = 8300
 DEFAULT_ROUTER_PORT = 8400
+DEV_USER_HASH_SALT = "tuneloop-dev-salt-change-me"
+MAKE_A_SECRET = "python -c 'import secrets; print(secrets.token_hex(32))'"
 
 
 class SettingsError(ValueError):
@@ -63,6 +72,8 @@ class Settings(BaseSettings):
         env_prefix="TUNELOOP_", env_file=".env", extra="ignore", populate_by_name=True
     )
 
+    # dev (the default) or production: production refuses development-default secrets.
+    env: Literal["dev", "production"] = "dev"
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
     mlflow_tracking_uri: str | None = Field(default=None, validation_alias="MLFLOW_TRACKING_URI")
     data_dir: Path = Field(default=Path.home() / ".tuneloop")
@@ -111,7 +122,11 @@ class Settings(BaseSettings):
     router_user_rate_limit_burst: int = 40
     router_key_rate_limit_per_s: float = 1000.0
     router_key_rate_limit_burst: int = 2000
-    user_hash_salt: SecretStr = SecretStr("tuneloop-dev-salt-change-me")
+    user_hash_salt: SecretStr = Field(default=SecretStr(DEV_USER_HASH_SALT),
+                                      validate_default=True)
+    # A spaCy model (installed package name or model folder) whose NER adds PERSON names to
+    # de-identification; unset = the offline recognizers alone (tasks.datasets.deid.detect).
+    deid_spacy_model: str | None = None
     registered_model_name: str = "tuneloop-assistant"
     trainer_backend: Literal["local", "docker", "kubernetes"] = "local"
     trainer_image: str = "tuneloop-trainer:latest"
@@ -145,6 +160,20 @@ class Settings(BaseSettings):
                 f"{value!r} is not an http(s) URL; use e.g. http://127.0.0.1:8300/v1"
             )
         return value.rstrip("/")
+
+    @field_validator("user_hash_salt")
+    @classmethod
+    def _salt(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        # Hashed user ids are only as private as the salt: a public one is reversed with a
+        # dictionary of emails. Dev mode keeps the documented default for the offline demo.
+        if info.data.get("env") == "production" and (
+                value.get_secret_value() in ("", DEV_USER_HASH_SALT)
+                or len(value.get_secret_value()) < 16):
+            raise ValueError(
+                "is unset, the development default or shorter than 16 characters, and "
+                "TUNELOOP_ENV=production; set it to a fresh secret, e.g. the output of "
+                f"{MAKE_A_SECRET}")
+        return value
 
     @field_validator("llm_max_concurrency", "model_server_port", "router_port")
     @classmethod

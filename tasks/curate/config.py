@@ -61,6 +61,9 @@ class CurationConfig(BaseModel):
     formats: list[Literal["openai", "sharegpt", "alpaca"]] = Field(
         default_factory=lambda: list(EXPORT_FORMATS))
     scrub_persona_names: bool = True
+    # Numbered placeholders (<PERSON_1>, <EMAIL_1>) consistent within a conversation instead of
+    # plain typed ones: who said what stays readable, nobody is identified.
+    pseudonymize: bool = False
 
     @field_validator("batch_id", "rubric_version", "tokenizer", mode="before")
     @classmethod

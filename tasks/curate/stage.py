@@ -140,7 +140,7 @@ class Exported:
 
     rows: list[ExportRow]
     texts: list[str]  # joined message texts, what the PII expectation scans
-    name_hits: list[int]  # known persona names still present per row (must be 0)
+    pii: list[str]  # PII categories still detected per row, comma-joined (must be '')
     scrubbed_rows: int  # rows whose text changed by scrubbing
 
 
@@ -148,12 +148,12 @@ def export_rows(rows: Sequence[CandidateRow], cfg: CurationConfig) -> Exported:
     """De-identified export rows with their provenance metadata."""
     out: list[ExportRow] = []
     texts: list[str] = []
-    name_hits: list[int] = []
+    pii: list[str] = []
     scrubbed = 0
     for row in rows:
         names = _persona_names(row) if cfg.scrub_persona_names else set()
         chat = chat_messages(row.system_prompt, row.messages)
-        clean = deid.scrub_messages(chat, names)
+        clean = deid.scrub_messages(chat, names, pseudonymize=cfg.pseudonymize)
         if clean != chat:
             scrubbed += 1
         metadata = {
@@ -181,17 +181,19 @@ def export_rows(rows: Sequence[CandidateRow], cfg: CurationConfig) -> Exported:
                              metadata=metadata, conversation_id=row.conversation_id))
         text = "\n".join(m["content"] for m in clean)
         texts.append(text)
-        name_hits.append(len(deid.find_names(text, names)) if names else 0)
-    return Exported(out, texts, name_hits, scrubbed)
+        pii.append(",".join(deid.pii_categories(text, names)))
+    return Exported(out, texts, pii, scrubbed)
 
 
 def gate_frame(rows: Sequence[CandidateRow], texts: Sequence[str], cfg: CurationConfig,
-               name_hits: Sequence[int] | None = None):
+               pii: Sequence[str] | None = None):
     """The pandas frame the gate validates (columns: tasks.datasets.gate.CURATED_COLUMNS)."""
     import pandas as pd
 
-    if name_hits is None:
-        name_hits = [0] * len(rows)
+    if pii is None:  # detect here: a frame never reaches the gate without its PII column
+        from tasks.datasets.gate import pii_column
+
+        pii = pii_column(list(texts))
     return pd.DataFrame({
         "conversation_id": [r.conversation_id for r in rows],
         "content_hash": [r.content_hash for r in rows],
@@ -212,7 +214,7 @@ def gate_frame(rows: Sequence[CandidateRow], texts: Sequence[str], cfg: Curation
         "words": np.asarray([r.words for r in rows], dtype=int),
         "tokens": np.asarray([r.tokens for r in rows], dtype=int),
         "text": list(texts),
-        "pii_name_hits": np.asarray(name_hits, dtype=int),
+        "pii": list(pii),
     })
 
 
@@ -328,7 +330,7 @@ def curate_rows(rows: Sequence[CandidateRow], cfg: CurationConfig, *,
     else:
         with SnapshotWriter(dataset_id) as writer:
             with clock("gate"):
-                frame = gate_frame(kept, exported.texts, cfg, exported.name_hits)
+                frame = gate_frame(kept, exported.texts, cfg, exported.pii)
                 gate_result = run_curated_gate(frame, _gate_spec(cfg, edge_case_target),
                                                docs_dir=writer.tmp / "gate" / "data_docs")
             with clock("write"):

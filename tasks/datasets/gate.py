@@ -4,7 +4,8 @@ The gate sees one row per candidate training example (a pandas frame with `CURAT
 checks what training relies on: complete fields, tagger thresholds, unique conversation hashes,
 length bounds (turns, words, tokens against the training `sequence_len`), the edge-case share
 against the taxonomy target, topic/persona diversity, a minimum size, and no PII in the exported
-texts (the detectors of `tasks.datasets.deid.PII_KINDS`, plus known-name hits).
+texts: the `pii` column holds, per row, the categories `tasks.datasets.deid.pii_categories`
+finds in its text (known names included) — the same detector the scrubber uses.
 
 It runs in an ephemeral GX context (nothing persisted outside the snapshot), builds Data Docs HTML
 into the folder it is given, and returns a small JSON-able dict. A failed gate raises nothing by
@@ -12,7 +13,8 @@ itself: callers record it (curate() stores gate_passed=False and the DAG short-c
 
 Every expectation carries a stable gate name in its `meta` (e.g. ``no_pii``), which is what
 `failed_expectations` lists. Unexpected *values* are never rendered (only conversation ids), so
-Data Docs cannot leak the PII the gate just caught.
+Data Docs cannot leak the PII the gate just caught; a failed ``no_pii`` names each row and its
+categories (``pii_findings``), never the value.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
-
-from tasks.datasets.deid import PII_DETECTORS
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,11 @@ MIN_NEGATIVE = "min_negative_signals"
 CURATED_COLUMNS = (
     "conversation_id", "content_hash", "persona_id", "topic", "is_edge_case",
     "hallucination_score", "emotion_confidence", "missing_taggers", "rubric_passed",
-    "safety_failed", "turns", "words", "tokens", "text", "pii_name_hits",
+    "safety_failed", "turns", "words", "tokens", "text", "pii",
 )
 # For reaction-signal datasets (tasks.signals.stage builds it): one row per interaction used.
 SIGNAL_COLUMNS = ("interaction_id", "label", "is_positive", "is_negative", "context_hash", "text",
-                  "pii_name_hits")
+                  "pii")
 
 SAMPLE_IDS = 20
 # Report which rows failed by id, never by value (values may be the PII that failed the gate).
@@ -119,21 +119,40 @@ class SignalGateSpec(BaseModel):
 
 
 def _no_pii(suite: Any) -> None:
-    """The PII expectations: tasks.datasets.deid's detectors over the texts, and known-name hits.
+    """The PII expectation: every row's `pii` column (its detected categories) is empty.
 
-    Known names (from persona/context fields) are counted per row by `tasks.datasets.deid.find_names`
-    into `pii_name_hits` rather than put into a regex, so the names never appear in the suite
-    and therefore never in the Data Docs.
+    The frame builders fill `pii` with `tasks.datasets.deid.pii_categories(text, known_names)`,
+    so neither the detectors nor the known names appear in the suite or in the Data Docs.
     """
     import great_expectations as gx
 
     E = gx.expectations
     suite.add_expectation(_named(
-        E.ExpectColumnValuesToNotMatchRegexList(column="text", regex_list=list(PII_DETECTORS)),
-        NO_PII, "no email, phone number, secret-bearing URL or token in any text"))
-    suite.add_expectation(_named(
-        E.ExpectColumnValuesToBeBetween(column="pii_name_hits", min_value=0, max_value=0),
-        NO_PII, "no known person name (from persona/context fields) in any text"))
+        E.ExpectColumnValuesToBeInSet(column="pii", value_set=[""]),
+        NO_PII, "no PII in any text (tasks.datasets.deid: emails, phones, cards, IBANs, IPs, "
+                "secrets, national ids, dates of birth, addresses, names)"))
+
+
+def pii_column(texts: Any, names: Any = None) -> list[str]:
+    """The `pii` column for gate frames: each text's PII categories, comma-joined ('' = none).
+
+    `names` (optional) gives each row's known person names (from persona/context fields).
+    """
+    from tasks.datasets.deid import pii_categories
+
+    names = names if names is not None else [()] * len(texts)
+    return [",".join(pii_categories(text or "", row_names))
+            for text, row_names in zip(texts, names, strict=True)]
+
+
+def _pii_findings(frame: Any, id_column: str) -> list[dict[str, Any]]:
+    """Rows the PII expectation refused: id and categories, never the value."""
+    if "pii" not in frame.columns:
+        return []
+    flagged = frame[frame["pii"].astype(str) != ""]
+    ids = flagged[id_column] if id_column in frame.columns else flagged.index
+    return [{"row": str(row), "categories": str(categories).split(",")}
+            for row, categories in zip(ids, flagged["pii"], strict=True)][:SAMPLE_IDS]
 
 
 def _named(expectation: Any, name: str, description: str) -> Any:
@@ -325,8 +344,11 @@ def run_suite(frame: Any, build_suite: Callable[[], Any], *, docs_dir: Path | No
             config = item.expectation_config
             name = (config.meta or {}).get("gate_name", config.type)
             column = config.kwargs.get("column")
-            records.append({"name": name, "expectation": config.type, "column": column,
-                            "success": bool(item.success), **_observed(item.result or {})})
+            record = {"name": name, "expectation": config.type, "column": column,
+                      "success": bool(item.success), **_observed(item.result or {})}
+            if name == NO_PII and not item.success:
+                record["pii_findings"] = _pii_findings(frame, id_column)
+            records.append(record)
             if not item.success and name not in failed:
                 failed.append(name)
     data_docs = None

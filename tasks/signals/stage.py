@@ -28,17 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from tasks.core.configs import at_least, field_default, split_fraction
 from tasks.core.db.engine import session_scope
 from tasks.core.db.models import Dataset, DatasetItem, Interaction, Reaction
 from tasks.core.ids import canonical_json, content_hash, stable_id
 from tasks.datasets import deid
 from tasks.datasets.export import (
-    EXPORT_FORMATS,
     MANIFEST,
     ExportRow,
     SnapshotWriter,
@@ -54,15 +51,14 @@ from tasks.datasets.export import (
     write_json,
     write_stat_plots,
 )
+from tasks.signals.config import SignalConfig, SignalConfigError
+
+__all__ = ["SignalConfig", "SignalConfigError"]  # re-exported: the DAG and CLI import them here
 
 log = logging.getLogger(__name__)
 
 DATASET_KIND = "reaction"
 Label = Literal["positive", "negative"]
-
-
-class SignalConfigError(ValueError):
-    """The reaction-signal configuration is invalid; the message says the fix."""
 
 
 class InsufficientSignals(RuntimeError):
@@ -91,73 +87,6 @@ class InsufficientSignals(RuntimeError):
         return {"positive": self.positive, "negative": self.negative,
                 "conflicting": self.conflicting, "min_positive": self.min_positive,
                 "min_negative": self.min_negative}
-
-
-class SignalConfig(BaseModel):
-    """Reaction windows, minimums, pairing and export of a reaction-signal dataset."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = "reactions"
-    positive_reaction: str = "done"
-    negative_reaction: str = "dismiss"
-    done_min_ms: int = 15000
-    done_max_ms: int = 120000
-    dismiss_max_ms: int = 5000
-    min_positive: int = 500
-    min_negative: int = 500
-    since_dataset_id: str | None = None
-    model_name: str | None = None
-    pair_by_embedding: bool = True
-    pair_similarity: float = 0.95
-    val_fraction: float = 0.1
-    seed: int = 13
-    formats: list[Literal["openai", "sharegpt", "alpaca"]] = Field(
-        default_factory=lambda: list(EXPORT_FORMATS))
-
-    @field_validator("since_dataset_id", "model_name", mode="before")
-    @classmethod
-    def _blank_is_none(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator("done_min_ms", "done_max_ms", "dismiss_max_ms", "min_positive",
-                     "min_negative")
-    @classmethod
-    def _non_negative(cls, value: int, info: Any) -> int:
-        return at_least(value, 0, info.field_name, field_default(cls, info.field_name))
-
-    @field_validator("pair_similarity")
-    @classmethod
-    def _similarity(cls, value: float) -> float:
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"pair_similarity is a cosine in (0, 1] (got {value}); "
-                             "set pair_similarity: 0.95")
-        return value
-
-    @field_validator("val_fraction")
-    @classmethod
-    def _val_fraction(cls, value: float) -> float:
-        return split_fraction(value)
-
-    @model_validator(mode="after")
-    def _windows(self) -> SignalConfig:
-        if self.done_min_ms > self.done_max_ms:
-            raise ValueError(f"done_min_ms ({self.done_min_ms}) > done_max_ms "
-                             f"({self.done_max_ms}); the positive window is e.g. "
-                             "done_min_ms: 15000, done_max_ms: 120000")
-        if self.positive_reaction == self.negative_reaction:
-            raise ValueError("positive_reaction and negative_reaction must differ; "
-                             "e.g. positive_reaction: done, negative_reaction: dismiss")
-        return self
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any] | None) -> SignalConfig:
-        from tasks.core.configs import config_from_params
-
-        return config_from_params(cls, params, SignalConfigError, "signal")
-
-    def fingerprint(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"name"})
 
 
 def classify_reaction(reaction: str, dwell_ms: int, cfg: SignalConfig) -> Label | None:
@@ -309,10 +238,11 @@ class Signal:
                 "variant": self.variant, "dwell_ms": self.dwell_ms}
 
 
-def _prompt_messages(interaction: Interaction, context: dict[str, Any], names: set[str]
-                     ) -> list[dict[str, str]]:
+def _prompt_messages(interaction: Interaction, context: dict[str, Any], names: set[str],
+                     pseudonyms: deid.Pseudonyms | None = None) -> list[dict[str, str]]:
     messages = [{"role": str(m.get("role", "user")),
-                 "content": deid.scrub_text(str(m.get("content", "")), names)}
+                 "content": deid.scrub_text(str(m.get("content", "")), names,
+                                            pseudonyms=pseudonyms)}
                 for m in (interaction.request_messages or []) if isinstance(m, dict)]
     if not any(m["role"] == "user" for m in messages):
         # No recorded prompt: the context is what the model answered to (seed: context_json).
@@ -327,7 +257,8 @@ def _context_key(prompt: list[dict[str, str]], context: dict[str, Any]) -> str:
     return content_hash({"prompt": prompt, "context": situation})[:32]
 
 
-def load_signals(session: Session, labels: Labels) -> list[Signal]:
+def load_signals(session: Session, labels: Labels, *, pseudonymize: bool = False
+                 ) -> list[Signal]:
     wanted = {**{i: "positive" for i in labels.positive},
               **{i: "negative" for i in labels.negative}}
     dwell: dict[str, list[int]] = defaultdict(list)
@@ -344,13 +275,15 @@ def load_signals(session: Session, labels: Labels) -> list[Signal]:
         for interaction in session.scalars(select(Interaction).where(Interaction.id.in_(chunk))):
             raw_context = dict(interaction.context or {})
             names = deid.names_in(raw_context) | deid.names_in(interaction.request_messages or [])
-            context = deid.scrub_value(raw_context, names)
-            prompt = _prompt_messages(interaction, context, names)
+            pseudonyms = deid.Pseudonyms() if pseudonymize else None  # one per interaction
+            context = deid.scrub_value(raw_context, names, pseudonyms=pseudonyms)
+            prompt = _prompt_messages(interaction, context, names, pseudonyms)
             signals.append(Signal(
                 interaction_id=interaction.id, label=wanted[interaction.id], prompt=prompt,
-                response=deid.scrub_text(interaction.response or "", names), context=context,
+                response=deid.scrub_text(interaction.response or "", names,
+                                         pseudonyms=pseudonyms), context=context,
                 context_key=_context_key(prompt, context),
-                user=deid.ensure_hashed_user(interaction.user_hash),
+                user=deid.hash_user_id(interaction.user_hash),
                 model_name=interaction.model_name, model_version=interaction.model_version,
                 variant=interaction.variant, dwell_ms=sorted(dwell[interaction.id]),
                 names=names))
@@ -426,9 +359,8 @@ def signal_frame(signals: Sequence[Signal]):
         "is_negative": np.asarray([int(s.label == "negative") for s in signals], dtype=int),
         "context_hash": [s.context_key for s in signals],
         "text": [s.text() + "\n" + canonical_json(s.context) for s in signals],
-        "pii_name_hits": np.asarray(
-            [len(deid.find_names(s.text() + "\n" + canonical_json(s.context), s.names))
-             for s in signals], dtype=int),
+        "pii": [",".join(deid.pii_categories(s.text() + "\n" + canonical_json(s.context),
+                                             s.names)) for s in signals],
     })
 
 
@@ -450,7 +382,7 @@ def build_reaction_dataset(cfg: SignalConfig | None = None, *, engine: Engine | 
                 positive=counts["positive"], negative=counts["negative"],
                 min_positive=cfg.min_positive, min_negative=cfg.min_negative,
                 conflicting=counts["conflicting"], since_dataset_id=cfg.since_dataset_id)
-        signals = load_signals(session, labels)
+        signals = load_signals(session, labels, pseudonymize=cfg.pseudonymize)
 
     positives = [s for s in signals if s.label == "positive"]
     pairs = pair_signals(signals, cfg)

@@ -16,8 +16,9 @@ from tasks.cli import build_parser, main
 from tasks.cli.common import params_of
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["migrate", "generate", "tag", "curate", "build-reaction-dataset", "train", "evaluate",
-            "shadow-deploy", "shadow-compare", "adapters", "serve-model", "serve-router", "demo"]
+COMMANDS = ["migrate", "generate", "tag", "curate", "build-reaction-dataset", "scrub", "train",
+            "evaluate", "shadow-deploy", "shadow-compare", "adapters", "serve-model",
+            "serve-router", "demo"]
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:

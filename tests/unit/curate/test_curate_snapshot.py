@@ -238,5 +238,5 @@ def test_persona_names_and_contact_details_are_scrubbed(fresh_engine, data_dir):
     root = data_dir / "datasets" / result["dataset_id"]
     text = "".join(p.read_text() for p in root.rglob("*.jsonl"))
     assert "Ravi" not in text and "example.org" not in text and "7946" not in text
-    assert "Hi, I'm [NAME]. Mail me at [EMAIL] or call [PHONE]" in text
+    assert "Hi, I'm <PERSON>. Mail me at <EMAIL> or call <PHONE>" in text
     assert not find_pii(text)

@@ -17,6 +17,7 @@ from tasks.datasets.gate import (
     REQUIRED_TAGGERS_PRESENT,
     UNIQUE_CONVERSATION_HASHES,
     GateSpec,
+    pii_column,
     run_curated_gate,
 )
 
@@ -122,30 +123,38 @@ def test_edge_case_share_at_the_tolerance_edge_passes():
 
 def test_planted_pii_is_blocked_and_not_copied_into_data_docs(tmp_path):
     rows = clean_rows()
-    planted = ["reach me at dana.k@example.com", "my number is (555) 867-5309",
-               "reset: https://acme.io/reset?token=9f8e7d6c5b4a", "key sk-" "live0123456789abcdefghij"]
-    for row, pii in zip(rows[10:14], planted, strict=True):
+    planted = ["reach me at dana.k@example.com", "my number is (415) 867-5309",
+               "reset: https://acme.io/reset?token=9f8e7d6c5b4a", "key sk-" "live0123456789abcdefghij",
+               "card 4111 1111 1111 1111", "IBAN DE89 3704 0044 0532 0130 00"]
+    for row, pii in zip(rows[10:16], planted, strict=True):
         row.messages[0]["content"] += " " + pii
     result = gate(rows, docs_dir=tmp_path / "docs")
     assert result["failed_expectations"] == [NO_PII]
     detail = next(r for r in result["results"] if r["name"] == NO_PII and not r["success"])
-    assert detail["unexpected_count"] == 4
-    assert sorted(detail["sample_ids"]) == ["conv-0010", "conv-0011", "conv-0012", "conv-0013"]
+    assert detail["unexpected_count"] == 6
+    ids = [f"conv-{i:04d}" for i in range(10, 16)]
+    assert sorted(detail["sample_ids"]) == ids
+    # the report names each row and its category, never the value
+    assert detail["pii_findings"] == [
+        {"row": row, "categories": [category]} for row, category in zip(
+            ids, ["EMAIL", "PHONE", "URL", "SECRET", "CREDIT_CARD", "IBAN"], strict=True)]
     html = "".join(p.read_text(errors="ignore") for p in (tmp_path / "docs").rglob("*.html"))
-    assert "4 unexpected values found" in html  # the failure is reported ...
-    for needle in ("dana.k@example.com", "867-5309", "9f8e7d6c5b4a", "sk-live0123"):
-        assert needle not in html  # ... but the PII itself is not rendered
+    assert "6 unexpected values found" in html  # the failure is reported ...
+    for needle in ("dana.k@example.com", "867-5309", "9f8e7d6c5b4a", "sk-live0123", "4111",
+                   "DE89"):
+        assert needle not in html and needle not in str(result)  # ... the PII itself is not
 
 
 def test_known_person_names_are_caught_without_being_written_into_the_suite(tmp_path):
     rows = clean_rows()
-    rows[3].messages[1]["content"] += " Talk soon, Dana."
+    rows[3].messages[1]["content"] += " Zorvana will follow up."
     texts = ["\n".join(m["content"] for m in r.messages) for r in rows]
-    hits = [1 if "Dana" in t else 0 for t in texts]
-    result = run_curated_gate(gate_frame(rows, texts, CFG, hits), SPEC, docs_dir=tmp_path)
+    pii = pii_column(texts, [{"Zorvana"}] * len(texts))
+    assert pii[3] == "PERSON" and set(pii[:3] + pii[4:]) == {""}
+    result = run_curated_gate(gate_frame(rows, texts, CFG, pii), SPEC, docs_dir=tmp_path)
     assert result["failed_expectations"] == [NO_PII]
     html = "".join(p.read_text(errors="ignore") for p in tmp_path.rglob("*.html"))
-    assert "Dana" not in html
+    assert "Zorvana" not in html
 
 
 def test_an_empty_batch_fails_the_size_and_diversity_checks_without_crashing():

@@ -109,15 +109,16 @@ def test_1000_pii_planted_events_leave_no_pii_in_any_output(built):
     everything = "\n".join(p.read_text() for p in files if p.suffix in (".json", ".jsonl", ".html"))
     for needle in ("mail.example.com", "555 0", "token=tok", "Zephyrine", "Okonkwo", '"user-1"'):
         assert needle not in everything
-    assert not find_pii(everything)
+    found = find_pii(everything)
+    assert not found, [everything[max(0, m.start - 60):m.end + 60] for m in found]
     # De-identified, not destroyed: the text keeps its shape around placeholders.
     sft = [json.loads(x) for x in open(result["train_path"])]
-    assert sft[0]["messages"][-1]["content"].startswith("Hi [NAME]! Try a 10-minute walk")
-    assert "Reach me at [EMAIL] or [PHONE]" in sft[0]["messages"][1]["content"]
+    assert sft[0]["messages"][-1]["content"].startswith("Hi <PERSON>! Try a 10-minute walk")
+    assert "Reach me at <EMAIL> or <PHONE>" in sft[0]["messages"][1]["content"]
     meta = json.loads(open(root / "openai" / "train.provenance.jsonl").readline())["metadata"]
     assert meta["user"] in {hash_user_id(f"user-{i}") for i in range(1000)}
     assert meta["context"]["user_id"] == meta["user"]
-    assert meta["context"]["user_name"] == "[NAME]"
+    assert meta["context"]["user_name"] == "<PERSON>"
 
 
 def test_sft_rows_come_from_positives_and_pairs_from_same_context(built):
@@ -213,3 +214,19 @@ def test_unpaired_signals_pair_by_embedding_near_identical_context(fresh_engine,
     assert len(pairs) == 1
     assert pairs[0].how == "embedding" and pairs[0].similarity >= 0.9
     assert pairs[0].rejected.prompt[0]["content"] == prompts[1]
+
+
+def test_pseudonymize_keeps_one_placeholder_per_person_within_an_interaction(fresh_engine):
+    from tasks.core.db.engine import session_scope as scope
+    from tasks.signals.stage import label_interactions, load_signals
+
+    events = [planted_event(0)]
+    store(fresh_engine, events, [("done", 30000)])
+    cfg = SignalConfig(min_positive=1, min_negative=0, pseudonymize=True)
+    with scope(fresh_engine) as s:
+        [signal] = load_signals(s, label_interactions(s, cfg), pseudonymize=True)
+    assert signal.prompt[-1]["content"] == (
+        "I'm <PERSON_1>. Reach me at <EMAIL_1> or <PHONE_1>. Topic 0: staying focused.")
+    assert signal.response.startswith("Hi <PERSON_1>! Try a 10-minute walk")
+    assert signal.response.endswith("Write <EMAIL_1>.")
+    assert signal.context["email"] == "<EMAIL_1>"

@@ -1,17 +1,8 @@
-"""De-identification: salted user hashes and PII scrubbing for everything tuneloop exports.
-
-Every text that leaves Postgres for a dataset file or an artifact goes through `scrub_text` (or
-`scrub_value` for JSON-like records): emails, phone numbers, URLs that carry credentials or
-secret-looking query parameters/path tokens, bare API tokens, and person names taken from known
-fields (``name``, ``user_name``, ``first_name`` ...) are replaced by typed placeholders such as
-``[EMAIL]``. User ids are replaced by an HMAC-SHA256 keyed with ``settings.user_hash_salt`` so the
-same user maps to the same opaque id without the raw id being recoverable.
-
-`PII_KINDS` is the single definition of what counts as PII: `find_pii` uses it, and the Great
-Expectations gate (tasks/datasets/gate.py) runs its detectors (`PII_DETECTORS`) as the "no PII"
-expectation, so the gate and the scrubber can never disagree about what PII is.
+"""The regex scrubber tuneloop shipped before issue #16 (`git show 41843ec:tasks/datasets/deid.py`),
+detection and scrubbing only, kept verbatim so bench/deid.py can measure today's Presidio-based
+scrubber against it side by side. Not used by tuneloop itself.
 """
-
+# ruff: noqa
 from __future__ import annotations
 
 import functools
@@ -23,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.core.settings import get_settings
 
 # Placeholders never match any pattern below (no digits, '@', '://' or long tokens).
 PLACEHOLDERS = {
@@ -151,23 +141,6 @@ class PiiMatch:
     text: str
 
 
-def hash_user_id(user_id: str, salt: str | None = None) -> str:
-    """HMAC-SHA256(salt, user_id) as hex: stable per user, not reversible without the salt."""
-    key = (salt if salt is not None else get_settings().user_hash_salt.get_secret_value())
-    return hmac.new(key.encode(), str(user_id).encode(), hashlib.sha256).hexdigest()
-
-
-_HASHED = re.compile(r"[0-9a-f]{64}")
-
-
-def ensure_hashed_user(user: str, salt: str | None = None) -> str:
-    """A user id fit for export: values that already are HMAC-SHA256 hex (what the router stores
-    in interactions.user_hash) pass through, so the same user keeps one id across tuneloop;
-    anything else is hashed with the salt."""
-    user = str(user)
-    return user if _HASHED.fullmatch(user) else hash_user_id(user, salt)
-
-
 def _name_variants(names: Iterable[str]) -> list[str]:
     # As written, Title-cased and UPPER-cased; not lower-cased, so that a user called "Will" or
     # "May" does not scrub every "will" and "may" from the text.
@@ -239,131 +212,3 @@ def scrub_text(text: str, names: Iterable[str] = ()) -> str:
         cursor = match.end
     parts.append(text[cursor:])
     return "".join(parts)
-
-
-def names_in(value: Any) -> set[str]:
-    """Person names found under NAME_FIELDS anywhere in a JSON-like value."""
-    found: set[str] = set()
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if str(key).lower() in NAME_FIELDS and isinstance(item, str):
-                found.add(item)
-                # "Ada Lovelace" also leaks as "Ada" or "Lovelace" in free text.
-                found.update(part for part in item.split() if len(part) >= 3)
-            else:
-                found |= names_in(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            found |= names_in(item)
-    return found
-
-
-def has_pii(text: str, names: Iterable[str] = ()) -> bool:
-    """Whether `text` contains any PII: the detectors only, no spans (the fast check)."""
-    if not text:
-        return False
-    if any(detector.search(text) for detector in _DETECTORS):
-        return True
-    pattern = _name_pattern(names)
-    return bool(pattern is not None and pattern.search(text))
-
-
-def _walk(value: Any, strings: list[str]) -> bool:
-    """Collect string leaves; True when a NAME/USER_ID field is present (needs a rewrite)."""
-    if isinstance(value, str):
-        strings.append(value)
-        return False
-    sensitive = False
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if str(key).lower() in _SENSITIVE_FIELDS:
-                sensitive = True
-            if isinstance(item, dict | list | tuple | str):
-                sensitive = _walk(item, strings) or sensitive
-    elif isinstance(value, list | tuple):
-        for item in value:
-            sensitive = _walk(item, strings) or sensitive
-    return sensitive
-
-
-def scrub_value(value: Any, names: Iterable[str] = (), *, salt: str | None = None) -> Any:
-    """A de-identified version of a JSON-like value (dicts, lists, strings, scalars).
-
-    Strings are scrubbed; values under NAME_FIELDS become ``[NAME]``; values under USER_ID_FIELDS
-    become salted hashes (`ensure_hashed_user`). A value with nothing to scrub is returned as
-    is (not copied); otherwise a scrubbed copy is returned and the input is left untouched.
-    """
-    names = frozenset(names)
-    strings: list[str] = []
-    # Fast path: most values (tagger outputs, persona attributes) hold nothing to scrub.
-    if not _walk(value, strings) and not has_pii("\n".join(strings), names):
-        return value
-    return _scrub_value(value, names, salt)
-
-
-def _scrub_value(value: Any, names: frozenset[str], salt: str | None) -> Any:
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            lowered = str(key).lower()
-            if lowered in NAME_FIELDS and isinstance(item, str):
-                out[key] = PLACEHOLDERS["name"]
-            elif lowered in USER_ID_FIELDS and isinstance(item, str | int):
-                out[key] = ensure_hashed_user(str(item), salt)
-            else:
-                out[key] = _scrub_value(item, names, salt)
-        return out
-    if isinstance(value, list | tuple):
-        return [_scrub_value(item, names, salt) for item in value]
-    if isinstance(value, str):
-        return scrub_text(value, names)
-    return value
-
-
-def scrub_messages(messages: Sequence[Mapping[str, Any]], names: Iterable[str] = ()
-                   ) -> list[dict[str, Any]]:
-    """Chat messages with their `content` scrubbed (roles and other keys kept)."""
-    names = frozenset(names)
-    contents = [str(m.get("content", "")) for m in messages]
-    if not has_pii("\n".join(contents), names):  # one check per conversation, not per message
-        return [{**dict(m), "content": c} for m, c in zip(messages, contents, strict=True)]
-    return [{**dict(m), "content": scrub_text(c, names)}
-            for m, c in zip(messages, contents, strict=True)]
-
-
-SCANNED_SUFFIXES = frozenset({".json", ".jsonl", ".html", ".txt", ".csv", ".yaml", ".md"})
-
-
-def scan_files(paths: Iterable[Path], names: Iterable[str] = (),
-               extra_literals: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """PII findings in data files: [{"path", "kind", "text"}].
-
-    Text formats we write (SCANNED_SUFFIXES) are scanned; images and the Data Docs site's
-    static assets (GX's own CSS, fonts, images) are not.
-
-    `extra_literals` are exact strings that must not appear (e.g. raw user ids).
-    """
-    names = tuple(names)
-    literals = [lit for lit in extra_literals if lit]
-    findings: list[dict[str, Any]] = []
-    for path in paths:
-        if path.suffix.lower() not in SCANNED_SUFFIXES or "static" in path.parts:
-            continue
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (UnicodeDecodeError, IsADirectoryError):
-            continue
-        for match in find_pii(text, names):
-            findings.append({"path": str(path), "kind": match.kind, "text": match.text})
-        for literal in literals:
-            if literal in text:
-                findings.append({"path": str(path), "kind": "literal", "text": literal})
-    return findings
-
-
-def assert_no_pii(paths: Iterable[Path], names: Iterable[str] = (),
-                  extra_literals: Iterable[str] = ()) -> None:
-    """Raise PiiFound when any text file under `paths` contains PII."""
-    findings = scan_files(paths, names, extra_literals)
-    if findings:
-        raise PiiFound(findings)
