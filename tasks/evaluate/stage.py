@@ -42,6 +42,7 @@ from typing import Any
 
 from tasks.core.ids import content_hash
 from tasks.core.settings import get_settings
+from tasks.datasets import deid
 from tasks.evaluate.config import (
     DEFAULT_SCENARIOS_PATH,
     EvaluationError,
@@ -190,7 +191,14 @@ def _write_outputs(summary: dict[str, Any], results: list[ScenarioResult],
 
     The folder is `out_dir`, else <data_dir>/eval/<run id or adapter hash>; without `training`
     the card reads the loss curve from `run_id`'s MLflow run. Returns (card, details) paths.
+
+    Both files are de-identified (`tasks.datasets.deid.scrub_value`) before they are written:
+    the replies are model-written, and an adapter tuned on production reactions can repeat a
+    user's email or phone; judge failures keep the judge's raw text; the training params come
+    from a run that may predate de-identified logging. Both files also become MLflow artifacts.
     """
+    summary = deid.scrub_value(dict(summary))
+    results = [ScenarioResult(**deid.scrub_value(asdict(r))) for r in results]
     out = Path(out_dir) if out_dir else (
         get_settings().data_dir / "eval" / (run_id or content_hash(str(adapter_dir))[:16]))
     out.mkdir(parents=True, exist_ok=True)
@@ -200,6 +208,7 @@ def _write_outputs(summary: dict[str, Any], results: list[ScenarioResult],
          "scenarios": [asdict(r) for r in results]}, indent=2, default=str))
     if training is None and run_id:
         training = training_from_run(run_id)
+    training = deid.scrub_value(dict(training)) if training else training
     card_path = write_model_card(summary, results, elo_history, out, training=training)
     return card_path, details_path
 

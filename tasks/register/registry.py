@@ -37,6 +37,7 @@ from tasks.register.tracking import (
     TAG_KIND,
     TAG_RUN_ID,
     RegistryError,
+    deid_tags,
     ensure_experiment,
     get_client,
     git_sha,
@@ -85,6 +86,7 @@ def register_version(
     """Register the run's adapter as a model version, tag it, point `alias` at it.
 
     Idempotent: a run already registered returns its existing version (the alias is re-set).
+    The caller's `tags` are de-identified like the run's (`tracking.deid_tags`).
     Returns {"version", "model_name", "alias", "run_id", "created"}.
     """
     from mlflow.exceptions import MlflowException
@@ -121,7 +123,7 @@ def register_version(
             TAG_IS_BASE: "false",
             TAG_RUN_ID: run_id,
         }
-        version_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+        version_tags.update(deid_tags(tags or {}))
         source = f"{run.info.artifact_uri.rstrip('/')}/{ADAPTER_ARTIFACT_PATH}"
         version = client.create_model_version(
             name, source=source, run_id=run_id, tags=version_tags,
@@ -130,8 +132,8 @@ def register_version(
         )
         created = True
     if tags and not created:
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version.version, str(key), str(value))
+        for key, value in deid_tags(tags).items():
+            client.set_model_version_tag(name, version.version, key, value)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     log.info("%s version %s of %s (run %s) alias=%s",

@@ -6,6 +6,11 @@ step metrics, perplexity and tokens/s as summary metrics, dataset lineage throug
 artifacts only the adapter folder, the rendered config YAML and the chat template — never the
 full base model. Evaluation later adds its results to the same run (`log_run_metrics`,
 `log_run_artifact`); registering the run as a model version is `registry.register_version`.
+
+Params, tags, the chat template and every text artifact go through the de-identification of
+`tracking` (`deid_text`, `deid_tags`, `deid_artifact`): a config can carry an endpoint URL with
+credentials or a system prompt, and evaluation files carry model-written text. Dataset files
+are never logged here, only their lineage (ids, hash, counts).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from tasks.register.tracking import (
     TAG_GIT_SHA,
     TAG_KIND,
     RegistryError,
+    deid_artifact,
+    deid_tags,
+    deid_text,
     ensure_experiment,
     get_client,
     git_sha,
@@ -80,7 +88,8 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
 
 
 def flatten_params(value: Any, prefix: str = "") -> dict[str, str]:
-    """Flatten nested config into MLflow params: dotted keys, lists as JSON, values truncated.
+    """Flatten nested config into MLflow params: dotted keys, lists as JSON, values
+    de-identified then truncated (`tracking.deid_text`).
 
     Lists of dicts (e.g. `datasets`) are indexed (`datasets.0.path`) so each field stays
     searchable; other lists become one JSON value.
@@ -103,7 +112,7 @@ def flatten_params(value: Any, prefix: str = "") -> dict[str, str]:
     else:
         text = str(value)
     key = _metric_key(prefix or "value")[:MAX_KEY]
-    out[key] = text[:MAX_PARAM_VALUE]
+    out[key] = deid_text(text, MAX_PARAM_VALUE)
     return out
 
 
@@ -284,17 +293,17 @@ def log_training_run(
     sha = git_sha()
     gate_passed = _gate_passed(dataset)
     gate_result = dataset.get("gate_result")
-    tags = {
+    tags = deid_tags({
         TAG_KIND: "training",
         TAG_DATASET_ID: str(dataset["id"]),
         TAG_DATASET_HASH: str(dataset.get("content_hash") or ""),
         TAG_DATASET_URI: str(dataset.get("source_uri") or dataset_source_uri(str(dataset["id"]))),
         TAG_GATE_PASSED: "unknown" if gate_passed is None else str(gate_passed).lower(),
-        TAG_GATE_RESULT: canonical_json(gate_result if gate_result is not None else {})[:5000],
+        TAG_GATE_RESULT: canonical_json(gate_result if gate_result is not None else {}),
         TAG_BASE_MODEL: base_model,
         TAG_GIT_SHA: sha,
         "mlflow.source.git.commit": sha,
-    }
+    })
     run = client.create_run(
         experiment_id, run_name=run_name or f"train-{str(dataset['id'])[:12]}",
         tags=tags,
@@ -353,10 +362,11 @@ def _log_training_artifacts(client, run_id: str, result: Any, adapter_dir: Path)
         client.log_artifacts(run_id, str(staged), ADAPTER_ARTIFACT_PATH)
     config_yaml = _field(result, "config_yaml_path")
     if config_yaml and Path(config_yaml).is_file():
-        client.log_artifact(run_id, str(config_yaml), CONFIG_ARTIFACT_PATH)
+        with deid_artifact(config_yaml) as path:
+            client.log_artifact(run_id, str(path), CONFIG_ARTIFACT_PATH)
     template = _field(result, "chat_template")
     if template:
-        client.log_text(run_id, str(template), CHAT_TEMPLATE_ARTIFACT)
+        client.log_text(run_id, deid_text(str(template)), CHAT_TEMPLATE_ARTIFACT)
 
 
 def log_run_metrics(run_id: str, metrics: Mapping[str, Any], *, step: int = 0) -> int:
@@ -373,8 +383,10 @@ def log_run_metrics(run_id: str, metrics: Mapping[str, Any], *, step: int = 0) -
 
 
 def log_run_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    """Log a file (de-identified: `tracking.deid_artifact`) or a folder to an existing run."""
     client = get_client()
     if Path(path).is_dir():
         client.log_artifacts(run_id, str(path), artifact_path)
     else:
-        client.log_artifact(run_id, str(path), artifact_path)
+        with deid_artifact(path) as logged:
+            client.log_artifact(run_id, str(logged), artifact_path)

@@ -74,7 +74,7 @@ GROUP BY variant, model_version
 
 _PAIRS_SQL = """
 SELECT c.id AS champion_id, m.id AS mirror_id, c.request_messages AS messages,
-       c.response AS champion_response, m.response AS challenger_response
+       c.context AS context, c.response AS champion_response, m.response AS challenger_response
 FROM interactions m JOIN interactions c ON c.id = m.mirror_of
 WHERE m.deployment_id = :deployment_id AND m.variant = 'mirror'
   AND m.status = 'ok' AND c.status = 'ok' AND m.response <> '' AND c.response <> ''
@@ -85,6 +85,8 @@ LIMIT :limit
 # of the champion interaction id. It is stable from run to run (so the verdicts already given
 # come back from the LLM response cache instead of being paid for again) and follows the
 # traffic: a newly mirrored pair whose hash sorts into the first `max_judge_pairs` joins it.
+# The context comes along only for the names under its name fields: the judge sees each pair
+# de-identified (`tasks.shadow.pairwise.deid_pair`).
 
 
 def variant_metrics(counts: dict[str, Any], confidence: float = 0.95) -> dict[str, Any]:

@@ -6,6 +6,10 @@ challenger); a pair counts as a win only when both orders agree, anything else i
 cancels position bias), and a pair with a failed order has outcome None: undecided, counted
 under "errors". `pairwise_summary` turns the outcomes into wins/losses/ties, a win rate with its
 Wilson interval and a sign test.
+
+The judge may be a hosted LLM, and a mirrored pair is production users' text: the request and
+both answers go through `tasks.datasets.deid` (`deid_pair`) before any prompt is built, with the
+person names found under the interaction context's name fields.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from tasks.datasets import deid
 from tasks.judge.pairwise import (
     PairJudgment,
     PromptBuilder,
@@ -72,8 +77,20 @@ def pair_detail(pair: dict[str, Any], judgment: PairJudgment) -> dict[str, Any]:
             "outcome": judgment.outcome}
 
 
+def deid_pair(pair: dict[str, Any]) -> tuple[list[dict[str, Any]], str, str]:
+    """The pair as the judge may see it: (request messages, champion answer, challenger
+    answer), each scrubbed of PII and of the names under the request's or context's name
+    fields. The pair's ids stay as they are (the report refers to the rows by them)."""
+    messages = list(pair.get("messages") or [])
+    names = deid.names_in(pair.get("context") or {}) | deid.names_in(messages)
+    return (deid.scrub_messages(messages, names),
+            deid.scrub_text(pair["champion_response"] or "", names),
+            deid.scrub_text(pair["challenger_response"] or "", names))
+
+
 def judge_pairs(pairs: list[dict[str, Any]], client: StructuredClient) -> list[dict[str, Any]]:
-    """Judge each (champion, challenger) pair in both orders through an LLMClient."""
+    """Judge each (champion, challenger) pair in both orders through an LLMClient; the judge
+    sees each pair de-identified (`deid_pair`)."""
     import asyncio
 
     from tasks.core.llm import run_sync
@@ -82,9 +99,9 @@ def judge_pairs(pairs: list[dict[str, Any]], client: StructuredClient) -> list[d
     rubric = load_rubric()
 
     async def one(pair: dict[str, Any]) -> dict[str, Any]:
-        build = mirrored_pair_prompt(pair["messages"] or [], rubric)
+        messages, champion, challenger = deid_pair(pair)
         judgment = await judge_both_orders(
-            client, build, pair["champion_response"], pair["challenger_response"],
+            client, mirrored_pair_prompt(messages, rubric), champion, challenger,
             labels=PAIR_LABELS, max_tokens=PAIRWISE_MAX_TOKENS)
         return pair_detail(pair, judgment)
 

@@ -3,6 +3,10 @@ files, matplotlib Agg: rates with Wilson intervals, dwell histograms, pairwise o
 report as JSON, logs them to an MLflow run in the experiment "shadow-reports" (one run per report
 id, reused on a rerun) and stores a `comparison_reports` row with the report's URI. It also
 holds `mlflow_client`, the tracking/registry client the stage's alias moves share.
+
+The page and the JSON are rendered from the report passed through `tasks.datasets.deid`. Today
+it holds ids, counts, rates and verdicts but no text sample; a field with user- or judge-written
+text added later (a verdict's reason) leaves scrubbed with the rest.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.settings import get_settings
+from tasks.datasets import deid
 from tasks.shadow.config import CHALLENGER, CHAMPION, DWELL_BIN_LABELS
 from tasks.shadow.deployments import shadow_engine
 
@@ -236,11 +241,12 @@ def write_report_files(report: dict[str, Any], out_dir: Path | str, *,
 
     folder = Path(out_dir) / report["report_id"]
     folder.mkdir(parents=True, exist_ok=True)
-    charts = _charts(report, folder)
+    shown = deid.scrub_value(report)  # what leaves as files and MLflow artifacts
+    charts = _charts(shown, folder)
     page = folder / "report.html"
-    page.write_text(render_html(report, charts), encoding="utf-8")
+    page.write_text(render_html(shown, charts), encoding="utf-8")
     data = folder / "report.json"
-    data.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    data.write_text(json.dumps(shown, indent=2, default=str), encoding="utf-8")
     run_id, report_uri = None, page.resolve().as_uri()
     if log_to_mlflow:
         run_id, report_uri = _log_to_mlflow(report, [page, data, *charts.values()],
