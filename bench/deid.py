@@ -1,5 +1,6 @@
 """Benchmark: de-identification quality and speed, Presidio-based scrubber vs the regex one it
-replaced, side by side on the labelled corpus in tests/data/pii (see its README).
+replaced (`tasks/datasets/deid.py` at commit 41843ec, loaded from git history), side by side on
+the labelled corpus in tests/data/pii (see its README).
 
 Prints, for both scrubbers: per-category recall (every letter and digit of a labelled entity
 inside a detected span) and precision (detected spans that overlap a labelled entity), recall on
@@ -15,20 +16,33 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import deid_before  # noqa: E402
 
 from tasks.datasets.deid import scrub_text  # noqa: E402
 from tasks.datasets.deid.quality import read_jsonl, score, tuneloop_detect  # noqa: E402
 
 CORPUS = ROOT / "tests" / "data" / "pii"
+BEFORE = "41843ec"  # the last commit with the hand-written regex scrubber
+
+
+def _scrubber_before() -> types.ModuleType:
+    """The previous scrubber, compiled from git history (it is not kept in the tree twice)."""
+    source = subprocess.run(["git", "show", f"{BEFORE}:tasks/datasets/deid.py"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType("deid_before")
+    sys.modules["deid_before"] = module  # its dataclasses look their module up
+    exec(compile(source, f"{BEFORE}:tasks/datasets/deid.py", "exec"), module.__dict__)
+    return module
+
+
+deid_before = _scrubber_before()
 OLD_NAMES = {"url": "URL", "secret": "SECRET", "email": "EMAIL", "phone": "PHONE",
              "name": "PERSON"}
 
