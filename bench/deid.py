@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tasks.datasets.deid import scrub_text  # noqa: E402
-from tasks.datasets.deid.quality import read_jsonl, score, tuneloop_detect  # noqa: E402
+from tasks.datasets.deid.quality import corpus, score, tuneloop_detect  # noqa: E402
 
 CORPUS = ROOT / "tests" / "data" / "pii"
 BEFORE = "41843ec"  # the last commit with the hand-written regex scrubber
@@ -67,7 +67,7 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
-    pii, clean = read_jsonl(CORPUS / "pii_events.jsonl"), read_jsonl(CORPUS / "clean_events.jsonl")
+    pii, clean = corpus(CORPUS)
     texts = [e["text"] for e in pii + clean]
     scrub_text(texts[0])  # load Presidio and the lexicon before the clock starts
 

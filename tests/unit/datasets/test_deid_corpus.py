@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from tasks.datasets.deid import CATEGORIES, scrub_text
-from tasks.datasets.deid.quality import STRUCTURED, read_jsonl, score, tuneloop_detect
+from tasks.datasets.deid.quality import STRUCTURED, corpus, score, tuneloop_detect
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "pii"
 
 
-@pytest.fixture(scope="module")
-def corpus():
-    return read_jsonl(CORPUS / "pii_events.jsonl"), read_jsonl(CORPUS / "clean_events.jsonl")
+@pytest.fixture(scope="module", name="corpus")
+def corpus_fixture():
+    return corpus(CORPUS)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ ADVERSARIAL = {
     "square brackets and at": lambda n: ("[at] " * n)[:n],
     "dotted labels": lambda n: ("a." * n)[:n],
     "repeated names": lambda n: ("Hi Jane, " * n)[:n],
-    "unclosed key blocks": lambda n: ("-----BEGIN PRIVATE KEY-----" * n)[:n],
+    "unclosed key blocks": lambda n: ("-----BEGIN " "PRIVATE KEY-----" * n)[:n],
     "key= runs": lambda n: ("password=" * n)[:n],
     "many emails": lambda n: ("a@b.co " * n)[:n],
     "full-width runs": lambda n: ("ｊａｎｅ＠ " * n)[:n],

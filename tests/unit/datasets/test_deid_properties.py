@@ -23,7 +23,7 @@ STRUCTURED = [
 ]
 OTHER = ["my name is Priya Sharma", "Hi Amélie,", "Thanks,\nTom", "born on 14 March 1987",
          "221B Baker Street, London NW1 6XE", "SSN 536-90-4399", "NI number AB123456C",
-         "password=hunter2", "I spoke with Fatima Khan", "-----BEGIN PRIVATE KEY-----\nMIIE"]
+         "password=hunter2", "I spoke with Fatima Khan", "-----BEGIN " "PRIVATE KEY-----\nMIIE"]
 FILLER = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)),
                  max_size=12)
 GLUE = st.sampled_from(["", " ", "+", ",", ".", "\n", "(", ")", "@", ":", "-", "/", "\u200b",
