@@ -20,14 +20,15 @@ log = logging.getLogger("serving.router")  # the router's one log, as before the
 
 _ROW_KEYS = ("id", "user_hash", "deployment_id", "variant", "model_name", "model_version",
              "context", "request_messages", "response", "latency_ms", "mirror_of", "status",
-             "error", "stream", "ttft_ms", "created_at")
+             "error", "stream", "ttft_ms", "created_at", "client_id", "request_id")
 
 
 _SQL_TYPES = {"id": "text", "user_hash": "text", "deployment_id": "text", "variant": "text",
               "model_name": "text", "model_version": "text", "context": "jsonb",
               "request_messages": "jsonb", "response": "text", "latency_ms": "float8",
               "mirror_of": "text", "status": "text", "error": "text", "stream": "boolean",
-              "ttft_ms": "float8", "created_at": "timestamptz"}
+              "ttft_ms": "float8", "created_at": "timestamptz", "client_id": "text",
+              "request_id": "text"}
 
 
 def interaction_row(**values: Any) -> dict[str, Any]:
@@ -38,7 +39,8 @@ def interaction_row(**values: Any) -> dict[str, Any]:
     row: dict[str, Any] = {"deployment_id": None, "model_version": None, "context": {},
                            "request_messages": [], "response": "", "latency_ms": 0.0,
                            "mirror_of": None, "status": "ok", "error": None, "stream": False,
-                           "ttft_ms": None, "created_at": datetime.now(UTC)}
+                           "ttft_ms": None, "created_at": datetime.now(UTC), "client_id": None,
+                           "request_id": None}
     row.update(values)
     return row
 

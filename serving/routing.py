@@ -6,8 +6,6 @@ aliases (MLflow) on a worker thread, and the token-bucket rate limiter guarding 
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import threading
 import time
@@ -17,18 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serving.router_config import VARIANTS, RouterConfig, Variant
+from tasks.core.ids import hash_user as hash_user  # re-exported: the router hashes with it
 from tasks.core.settings import get_settings
 
 log = logging.getLogger("serving.router")  # the router's one log, as before the split
 
 
 # ---- routing (pure) ----------------------------------------------------------------------------
-
-
-def hash_user(user_id: str, salt: str) -> str:
-    """HMAC-SHA256 of a user id (hex, 64 chars): what is stored and what routing hashes."""
-    return hmac.new(salt.encode(), user_id.encode("utf-8", "surrogatepass"),
-                    hashlib.sha256).hexdigest()
 
 
 def user_bucket(user_hash: str) -> float:

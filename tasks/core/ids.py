@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from typing import Any
 
@@ -26,3 +27,10 @@ def content_hash(value: Any) -> str:
 def stable_id(*parts: Any, length: int = 32) -> str:
     """A short deterministic id from parts, e.g. stable_id(batch_id, cell_key, index)."""
     return content_hash([str(p) for p in parts])[:length]
+
+
+def hash_user(user_id: str, salt: str) -> str:
+    """HMAC-SHA256 of a user id (hex, 64 chars): what the router stores as `user_hash` and routes
+    on, and what `tuneloop forget --user` looks a user up by (the same salt)."""
+    return hmac.new(salt.encode(), user_id.encode("utf-8", "surrogatepass"),
+                    hashlib.sha256).hexdigest()

@@ -32,6 +32,11 @@ DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_SERVER_PORT = 8300
 DEFAULT_ROUTER_PORT = 8400
 DEV_USER_HASH_SALT = "tuneloop-dev-salt-change-me"
+DEV_ROUTER_API_KEY = "tuneloop-dev-key"
+DEV_ROUTER_ADMIN_KEY = "tuneloop-dev-admin-key"
+DEV_MODEL_SERVER_API_KEY = "tuneloop-local"
+DEV_MODEL_SERVER_ADMIN_KEY = "tuneloop-local-admin"
+DEV_REGISTRY_SIGNING_KEY = "tuneloop-dev-registry-key"
 MAKE_A_SECRET = "python -c 'import secrets; print(secrets.token_hex(32))'"
 
 
@@ -110,7 +115,7 @@ class Settings(BaseSettings):
     model_server_host: str = "127.0.0.1"
     model_server_port: int = DEFAULT_MODEL_SERVER_PORT
     router_port: int = DEFAULT_ROUTER_PORT
-    router_api_key: SecretStr = SecretStr("tuneloop-dev-key")
+    router_api_key: SecretStr = SecretStr(DEV_ROUTER_API_KEY)
     # Router backends (default: the local model server) and how versions are named on them:
     # a preset (local | vllm | ollama | openai) or a format string, see serving.router_config.
     router_champion_base_url: str | None = None
@@ -122,6 +127,38 @@ class Settings(BaseSettings):
     router_user_rate_limit_burst: int = 40
     router_key_rate_limit_per_s: float = 1000.0
     router_key_rate_limit_burst: int = 2000
+    # Named API clients: {"web": "sha256:<hex of the key>", ...} (JSON); each client has its own
+    # key, stored hashed (`tuneloop secrets client NAME` makes one). TUNELOOP_ROUTER_API_KEY,
+    # when set, is one more client named "default". The admin key guards the control routes.
+    router_clients: dict[str, str] = Field(default_factory=dict)
+    router_admin_key: SecretStr = SecretStr(DEV_ROUTER_ADMIN_KEY)
+    # Request limits: a larger body is a 413, more messages or a longer message a 422.
+    router_max_body_bytes: int = 1_000_000
+    router_max_messages: int = 256
+    router_max_content_chars: int = 100_000
+    # A reaction is accepted only from the client (and end user) that got the answer, and only
+    # within this many seconds of it.
+    router_reaction_window_s: float = 7 * 24 * 3600.0
+    # The local model server's keys: every route but liveness needs the API key; adapter
+    # registration and removal need the admin key.
+    model_server_api_key: SecretStr = SecretStr(DEV_MODEL_SERVER_API_KEY)
+    model_server_admin_key: SecretStr = SecretStr(DEV_MODEL_SERVER_ADMIN_KEY)
+    # Outages: interaction and reaction rows spool here (bounded) while Postgres is down, and
+    # are replayed when it is back (default <data_dir>/spool).
+    spool_dir: Path | None = None
+    spool_max_bytes: int = 512 * 1024 * 1024
+    # Database client timeouts (seconds): connecting, and any one statement.
+    db_connect_timeout_s: float = 5.0
+    db_statement_timeout_s: float = 60.0
+    # MLflow HTTP client: per-request timeout (s) and retries (MLFLOW_HTTP_REQUEST_* env vars).
+    mlflow_http_timeout_s: int = 10
+    mlflow_http_max_retries: int = 2
+    # Registry versions the router serves carry an HMAC of their registration tags made with
+    # this key; a version without a valid one is never served.
+    registry_signing_key: SecretStr = SecretStr(DEV_REGISTRY_SIGNING_KEY)
+    # Raw interaction text (prompts, answers, context) older than this many days is purged by
+    # the nightly run (`tuneloop retention`); unset keeps it.
+    retention_days: int | None = None
     user_hash_salt: SecretStr = Field(default=SecretStr(DEV_USER_HASH_SALT),
                                       validate_default=True)
     # A spaCy model (installed package name or model folder) whose NER adds PERSON names to
@@ -235,6 +272,10 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return (self.model_cache or self.data_dir / "models").resolve()
+
+    @property
+    def resolved_spool_dir(self) -> Path:
+        return (self.spool_dir or self.data_dir / "spool").resolve()
 
     @property
     def mlflow_artifact_root(self) -> Path:

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Computed,
     DateTime,
     Float,
     ForeignKey,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -244,6 +246,11 @@ class Interaction(Base):
     __table_args__ = (
         Index("ix_interactions_deployment_variant", "deployment_id", "variant"),
         Index("ix_interactions_created", "created_at"),
+        # 0009 (security): a client's X-Request-Id names one interaction of that client only.
+        Index("uq_interactions_client_request", "client_id", "request_id", unique=True,
+              postgresql_where=text("request_id IS NOT NULL")),
+        # 0009: "did the router serve this assistant turn to this user?" (forged history).
+        Index("ix_interactions_user_response", "user_hash", "response_md5"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -267,6 +274,16 @@ class Interaction(Base):
                                          server_default=false())
     ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = _created()
+    # 0009 (security): the named API client that made the request, and its X-Request-Id.
+    client_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # md5 of the response, computed by PostgreSQL: looks up served assistant turns by content.
+    response_md5: Mapped[str | None] = mapped_column(
+        String(32), Computed("md5(response)", persisted=True), nullable=True)
+    # Retention and erasure (tuneloop forget / retention purge): when the text was removed.
+    text_purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                            nullable=True)
+    erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Reaction(Base):
@@ -285,6 +302,19 @@ class Reaction(Base):
     dwell_ms: Mapped[int] = mapped_column(BigInteger, nullable=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)  # 0007
     created_at: Mapped[datetime] = _created()
+    client_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # 0009
+
+
+class UserErasure(Base):
+    """A user whose data was erased (`tuneloop forget`): by salted hash, never the raw id.
+    Future snapshots exclude the user; `snapshots` lists the existing ones that held them."""
+
+    __tablename__ = "user_erasures"
+
+    user_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requested_at: Mapped[datetime] = _created()
+    counts: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, default=dict)
+    snapshots: Mapped[list[Any]] = mapped_column(JSONB, nullable=False, default=list)
 
 
 class Deployment(Base):
