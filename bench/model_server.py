@@ -76,6 +76,7 @@ def main() -> None:
 
     from serving.generation import ChatModel, GenerationParams
     from serving.model_server import running_model_server
+    from tasks.core.settings import get_settings
     from tasks.core.weights import SMOLLM2_NAME, smollm2_path
 
     chat_model = ChatModel(smollm2_path(), model_name=SMOLLM2_NAME, num_threads=args.threads)
@@ -95,8 +96,10 @@ def main() -> None:
         completion = chat_model.generate(prepared)
         return time.perf_counter() - started, completion.completion_tokens, None
 
+    # The server takes TUNELOOP_MODEL_SERVER_API_KEY (settings), so the client sends that.
+    api_key = get_settings().model_server_api_key.get_secret_value()
     with running_model_server(chat_model=chat_model) as base_url, \
-            OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600) as client:
+            OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600) as client:
 
         def http() -> tuple[float, int, float | None]:
             started = time.perf_counter()

@@ -7,6 +7,12 @@ of the adapter roots (`<data_dir>/adapters/<name>/` by default) or registered at
 `_exclusive`) lists and resolves adapters, checks each against the base model's layer shapes when
 it is resolved, and loads it lazily with peft on first use, reloading it when its weights file
 changes; the base is served with the adapters disabled.
+
+The adapter roots are the only folders served from: a registered path must resolve (symlinks
+followed) inside one of them, and a root's entry whose symlink leads outside it is ignored, so
+whoever may register or drop a folder cannot make the server read an arbitrary directory. What
+clients see of an adapter's folder is its path relative to its root (`AdapterInfo.location`);
+messages never carry the server's absolute paths.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import logging
 import re
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +56,47 @@ def is_adapter_dir(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file() and adapter_weights_file(path) is not None
 
 
+def _resolved(path: Path) -> Path | None:
+    try:
+        return path.resolve()
+    except (OSError, ValueError):  # a symlink loop, an embedded NUL byte
+        return None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path != root and path.is_relative_to(root)
+
+
+def resolve_under_roots(path: str | Path, roots: Sequence[Path]) -> tuple[Path, str] | None:
+    """(the resolved folder, its path relative to its root) for `path` given relative to an
+    adapter root (tried in order; the first root holding an adapter there wins) or absolute;
+    None when it resolves, symlinks followed, outside every root (or is a root itself)."""
+    path = Path(path)
+    inside: list[tuple[Path, str]] = []
+    for root in roots:
+        resolved_root = _resolved(root)
+        if resolved_root is None:
+            continue
+        candidate = _resolved(path if path.is_absolute() else resolved_root / path)
+        if candidate is not None and _inside(candidate, resolved_root):
+            inside.append((candidate, candidate.relative_to(resolved_root).as_posix()))
+    if not inside:
+        return None
+    return next((found for found in inside if is_adapter_dir(found[0])), inside[0])
+
+
+def _base_model_label(value: Any) -> Any:
+    """The base model an adapter config names, without the trainer's folder: peft writes the
+    local path the base was loaded from, which is nobody's business outside this machine."""
+    if isinstance(value, str) and re.match(r"^([/~\\]|[A-Za-z]:[/\\])", value):
+        return Path(value.replace("\\", "/")).name
+    return value
+
+
+ROOTS_SETTING = ("the adapter roots (<data_dir>/adapters, i.e. TUNELOOP_DATA_DIR/adapters, and "
+                 "each --adapter-root of python -m serving.model_server)")
+
+
 class AdapterRegistry:
     """The adapters a `ChatModel` may serve: listing, resolving, checking, loading, unloading."""
 
@@ -63,27 +110,49 @@ class AdapterRegistry:
     def _init_adapters(self) -> None:
         self._peft: Any = None  # peft.PeftModel once the first adapter is loaded
         self._loaded: dict[str, _LoadedAdapter] = {}
-        self._registered: dict[str, Path] = {}
+        self._registered: dict[str, tuple[Path, str]] = {}  # name -> (folder, location)
         self._checked: dict[tuple[str, int], None] = {}
+        self._escapes_logged: set[Path] = set()
         self._registry_lock = threading.Lock()
 
     def adapters(self) -> dict[str, AdapterInfo]:
-        """Every adapter that can be served: registered ones first, then adapter roots in order."""
+        """Every adapter that can be served: registered ones first, then adapter roots in order.
+
+        A root's entry is served only when it resolves inside that root: a symlink to a folder
+        elsewhere is skipped (and logged once)."""
         found: dict[str, AdapterInfo] = {}
         with self._registry_lock:
             registered = dict(self._registered)
-        for name, path in registered.items():
-            found[name] = AdapterInfo(name, path, "registered")
+        for name, (path, location) in registered.items():
+            found[name] = AdapterInfo(name, path, "registered", location=location)
         for root in self.adapter_roots:
-            if not root.is_dir():
+            resolved_root = _resolved(root)
+            if resolved_root is None or not resolved_root.is_dir():
                 continue
-            for child in sorted(root.iterdir()):
-                if child.name not in found and ADAPTER_NAME_RE.match(child.name) \
-                        and is_adapter_dir(child):
-                    found[child.name] = AdapterInfo(child.name, child, "root")
+            for child in sorted(resolved_root.iterdir()):
+                if child.name in found or not ADAPTER_NAME_RE.match(child.name):
+                    continue
+                target = _resolved(child)
+                if target is None or not _inside(target, resolved_root):
+                    if child not in self._escapes_logged:
+                        self._escapes_logged.add(child)
+                        log.warning("ignoring adapter %s: it resolves outside its adapter root "
+                                    "%s", child, resolved_root)
+                    continue
+                if is_adapter_dir(target):
+                    found[child.name] = AdapterInfo(child.name, target, "root",
+                                                    location=child.name)
         for name, info in found.items():
             info.loaded = name in self._loaded
         return found
+
+    def _location(self, path: Path) -> str:
+        """`path` as clients may see it: relative to the adapter root holding it."""
+        for root in self.adapter_roots:
+            resolved_root = _resolved(root)
+            if resolved_root is not None and _inside(path, resolved_root):
+                return path.relative_to(resolved_root).as_posix()
+        return path.name
 
     def model_ids(self) -> list[str]:
         return [self.model_name, *(f"{self.model_name}:{name}" for name in self.adapters())]
@@ -99,9 +168,8 @@ class AdapterRegistry:
                 self._check_adapter(adapter, info.path)
                 return adapter, info.path
             raise ModelServerError(
-                f"adapter {adapter!r} not found: no folder {adapter}/ with {ADAPTER_CONFIG} under "
-                f"{', '.join(str(r) for r in self.adapter_roots) or '(no adapter roots)'} and none "
-                "registered with POST /v1/adapters; available models: "
+                f"adapter {adapter!r} not found: no folder {adapter}/ with {ADAPTER_CONFIG} in "
+                "an adapter root and none registered with POST /v1/adapters; available models: "
                 + ", ".join(self.model_ids()),
                 status_code=404, param="model", code="model_not_found",
                 available=self.model_ids(),
@@ -112,25 +180,42 @@ class AdapterRegistry:
             status_code=404, param="model", code="model_not_found", available=self.model_ids(),
         )
 
-    def register_adapter(self, name: str, path: Path) -> AdapterInfo:
-        """Serve the adapter folder `path` as `<base>:<name>` (replacing an earlier registration)."""
+    def register_adapter(self, name: str, path: str | Path) -> AdapterInfo:
+        """Serve the adapter folder `path` as `<base>:<name>` (replacing an earlier registration).
+
+        `path` is relative to an adapter root (e.g. `tuneloop-assistant-v3`, or
+        `staging/run-12` for a folder the root scan does not serve by itself) or absolute; either
+        way it must resolve inside an adapter root, else nothing is registered (a 400)."""
         if not ADAPTER_NAME_RE.match(name or ""):
             raise ModelServerError(
                 f"adapter name {name!r} is invalid; use letters, digits, '.', '_' or '-' "
                 "(e.g. champion or v3)", param="name",
             )
-        path = Path(path).expanduser().resolve()
-        if not is_adapter_dir(path):
+        found = resolve_under_roots(path, self.adapter_roots)
+        if found is None:
+            # The given path is echoed only when relative: it then names no server folder.
+            given = "an absolute path" if Path(path).is_absolute() else repr(str(path))
+            fix = ("put the adapter folder under an adapter root and send its path relative "
+                   'to the root, e.g. {"path": "tuneloop-assistant-v3"}' if self.adapter_roots
+                   else "this server has none: start it with --adapter-root <folder>")
             raise ModelServerError(
-                f"{path} is not a PEFT adapter folder: it needs {ADAPTER_CONFIG} and "
+                f"path must lie inside one of {ROOTS_SETTING}, after following symlinks; "
+                f"{given} does not: {fix}",
+                param="path", code="path_outside_adapter_roots",
+            )
+        folder, location = found
+        if not is_adapter_dir(folder):
+            raise ModelServerError(
+                f"{location} is not a PEFT adapter folder: it needs {ADAPTER_CONFIG} and "
                 f"{ADAPTER_WEIGHTS[0]} (write one with peft's save_pretrained)",
                 param="path",
             )
-        details = self._check_adapter(name, path)
+        details = self._check_adapter(name, folder)
         with self._registry_lock:
-            self._registered[name] = path
-        log.info("registered adapter %s -> %s", name, path)
-        return AdapterInfo(name, path, "registered", loaded=name in self._loaded, details=details)
+            self._registered[name] = (folder, location)
+        log.info("registered adapter %s -> %s", name, folder)
+        return AdapterInfo(name, folder, "registered", location=location,
+                           loaded=name in self._loaded, details=details)
 
     def loaded_adapters(self) -> list[str]:
         return sorted(self._loaded)
@@ -156,23 +241,27 @@ class AdapterRegistry:
 
     def _check_adapter(self, name: str, path: Path) -> dict[str, Any]:
         """Validate the adapter config and its weight shapes against the base model."""
+        where = self._location(path)
         weights = adapter_weights_file(path)
         if weights is None:
-            raise ModelServerError(f"adapter {name!r} at {path} has no {ADAPTER_WEIGHTS[0]}",
+            raise ModelServerError(f"adapter {name!r} at {where} has no {ADAPTER_WEIGHTS[0]}",
                                    status_code=404, param="model")
         try:
             config = json.loads((path / ADAPTER_CONFIG).read_text())
         except (OSError, ValueError) as exc:
-            raise ModelServerError(f"adapter {name!r}: unreadable {path / ADAPTER_CONFIG}: {exc}",
-                                   param="model") from None
+            reason = exc.strerror if isinstance(exc, OSError) else exc  # an OSError names the path
+            raise ModelServerError(
+                f"adapter {name!r}: unreadable {where}/{ADAPTER_CONFIG}: {reason}",
+                param="model") from None
         peft_type = str(config.get("peft_type", "")).upper()
         if peft_type != "LORA":
             raise ModelServerError(
-                f"adapter {name!r} at {path} is a {peft_type or 'unknown'} adapter; "
+                f"adapter {name!r} at {where} is a {peft_type or 'unknown'} adapter; "
                 "only LoRA adapters (peft_type LORA) are served", param="model",
             )
+        base_model = _base_model_label(config.get("base_model_name_or_path"))
         details = {"r": config.get("r"), "target_modules": config.get("target_modules"),
-                   "base_model_name_or_path": config.get("base_model_name_or_path")}
+                   "base_model_name_or_path": base_model}
         key = (str(path), weights.stat().st_mtime_ns)
         if key in self._checked or weights.suffix != ".safetensors":
             return details
@@ -182,8 +271,9 @@ class AdapterRegistry:
         try:
             handle_cm = safe_open(str(weights), framework="pt")
         except Exception as exc:  # a truncated or foreign file
-            raise ModelServerError(f"adapter {name!r}: unreadable weights {weights}: {exc}",
-                                   param="model") from None
+            raise ModelServerError(
+                f"adapter {name!r}: unreadable weights {where}/{weights.name}: "
+                f"{str(exc).replace(str(path), where)}", param="model") from None
         with handle_cm as handle:
             for tensor_name in handle.keys():
                 match = re.match(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$",
@@ -212,9 +302,9 @@ class AdapterRegistry:
                     break
         if problems:
             raise ModelServerError(
-                f"adapter {name!r} at {path} does not fit {self.model_name} (was it trained on "
+                f"adapter {name!r} at {where} does not fit {self.model_name} (was it trained on "
                 f"another base model? its config says "
-                f"{config.get('base_model_name_or_path')!r}): " + "; ".join(problems),
+                f"{base_model!r}): " + "; ".join(problems),
                 param="model",
             )
         self._checked[key] = None
@@ -250,9 +340,11 @@ class AdapterRegistry:
                 with contextlib.suppress(Exception), warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
                     self._peft.delete_adapter(peft_name)  # drop what got half-injected
+            where = self._location(path)
             raise ModelServerError(
-                f"adapter {adapter!r} at {path} could not be loaded onto {self.model_name}: "
-                f"{type(exc).__name__}: {exc}", status_code=500, param="model",
+                f"adapter {adapter!r} at {where} could not be loaded onto {self.model_name}: "
+                f"{type(exc).__name__}: {str(exc).replace(str(path), where)}",
+                status_code=500, param="model",
             ) from exc
         self._loaded[adapter] = _LoadedAdapter(peft_name, path, version)
         if replacing is not None:

@@ -138,9 +138,13 @@ class Completion:
 
 @dataclass
 class AdapterInfo:
+    """One servable adapter. `path` is the resolved folder, for the server's own use;
+    `location` is that folder relative to its adapter root, what responses show."""
+
     name: str
     path: Path
     source: Literal["registered", "root"]
+    location: str = ""
     loaded: bool = False
     details: dict[str, Any] = field(default_factory=dict)
 

@@ -6,29 +6,42 @@ request into `GenerationParams` (`generation_params`) and answers errors the mod
 400 for an invalid request body ("invalid request body at <field>: ...", where the router says
 422), and an error type that follows the status (see `_error_body`).
 
-`add_routes(app)` registers the handlers (and the OpenAI-style error handlers) on the app that
-`serving.model_server.create_app` builds; each handler finds the loaded model through the
-`ModelRuntime` that the app's lifespan stores in `app.state.runtime`. Generation itself runs on
-the model's scheduler thread (`ModelRuntime.start`), so the event loop stays free.
+`add_routes(app, keys)` registers the handlers (and the OpenAI-style error handlers) on the app
+that `serving.model_server.create_app` builds, behind `KeyGate`; each handler finds the loaded
+model through the `ModelRuntime` that the app's lifespan stores in `app.state.runtime`.
+Generation itself runs on the model's scheduler thread (`ModelRuntime.start`), so the event loop
+stays free.
+
+Access (`required_access`): `GET /health` is liveness and open; chat and every read need the API
+key (`Authorization: Bearer <key>`); every other write — registering and removing adapters — needs
+the admin key, which also passes wherever the API key does. The gate is ASGI middleware in front of
+routing, so a refused request never reaches a handler, its body is never read, and a route added
+later is closed by default. A missing or wrong key is a 401 (`authentication_error`), the API key
+on an admin route a 403 (`permission_denied_error`): the openai client raises AuthenticationError
+and PermissionDeniedError.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.generation import (
+    ADAPTER_NAME_RE,
     ChatModel,
     Completion,
     GenerationParams,
@@ -46,6 +59,7 @@ from serving.openai_schema import (
     chunk_choice,
     completion_chunk,
     error_content,
+    error_response,
     sse_event,
     usage,
 )
@@ -84,18 +98,110 @@ def generation_params(body: ModelServerChatRequest) -> GenerationParams:
 
 
 class AdapterRegistration(BaseModel):
-    name: str
-    path: str
+    """`POST /v1/adapters`: serve the folder `path` (relative to an adapter root, or absolute
+    inside one) as `<base>:<name>`; `load` loads it now so a bad adapter fails this call."""
+
+    name: str = Field(pattern=ADAPTER_NAME_RE.pattern,
+                      description="letters, digits, '.', '_' or '-' (e.g. champion)")
+    path: str = Field(min_length=1, max_length=4096,
+                      description="the adapter folder, relative to an adapter root")
     load: bool = False
+
+
+# ---- access --------------------------------------------------------------------------------------
+Access = Literal["open", "api", "admin"]
+API_KEY_SETTING = "TUNELOOP_MODEL_SERVER_API_KEY"
+ADMIN_KEY_SETTING = "TUNELOOP_MODEL_SERVER_ADMIN_KEY"
+
+
+def required_access(method: str, path: str) -> Access:
+    """The key a request needs: none for liveness (`GET /health`), the API key for chat and any
+    read, the admin key for any other write. Unknown paths fall in the same classes, so nothing
+    is open, or writable with the API key, by accident."""
+    if method in ("GET", "HEAD") and path == "/health":
+        return "open"
+    if method in ("GET", "HEAD", "OPTIONS") or (method == "POST"
+                                                and path == "/v1/chat/completions"):
+        return "api"
+    return "admin"
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class ServerKeys:
+    """The model server's API and admin keys, kept as digests and compared in constant time."""
+
+    def __init__(self, api_key: str, admin_key: str) -> None:
+        if not api_key or not admin_key:
+            missing = API_KEY_SETTING if not api_key else ADMIN_KEY_SETTING
+            raise ValueError(f"{missing} is empty; set it to a secret, e.g. the output of "
+                             "python -c 'import secrets; print(secrets.token_hex(32))'")
+        if hmac.compare_digest(_digest(api_key), _digest(admin_key)):
+            raise ValueError(f"{ADMIN_KEY_SETTING} equals {API_KEY_SETTING}, so every client could "
+                             "register adapters; give the admin key a value of its own")
+        self._api = _digest(api_key)
+        self._admin = _digest(admin_key)
+
+    def __repr__(self) -> str:
+        return "ServerKeys(<hidden>)"
+
+    def granted(self, authorization: str | None) -> Access | None:
+        """What an Authorization header grants: admin, api, or None (no bearer token, or a
+        wrong one). Both digests are compared every time (equal lengths, `hmac.compare_digest`),
+        so the answer's timing says nothing about either key."""
+        scheme, _, token = (authorization or "").partition(" ")
+        presented = _digest(token.strip())
+        is_admin = hmac.compare_digest(presented, self._admin)
+        is_api = hmac.compare_digest(presented, self._api)
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return "admin" if is_admin else "api" if is_api else None
+
+
+def _refusal(needed: Access, granted: Access | None) -> JSONResponse | None:
+    if needed == "open" or granted == "admin" or (needed == "api" and granted == "api"):
+        return None
+    if granted is None:
+        return error_response(
+            401, "missing or invalid API key; send Authorization: Bearer <key>, the model "
+            f"server's {API_KEY_SETTING} (clients send it as TUNELOOP_LLM_API_KEY)",
+            type_="authentication_error", code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"})
+    return error_response(
+        403, "registering and removing adapters needs the model server's admin key "
+        f"({ADMIN_KEY_SETTING}); the API key may chat and read only",
+        type_="permission_denied_error", code="admin_key_required")
+
+
+class KeyGate:
+    """ASGI middleware answering 401/403 before routing for a request without the key it needs."""
+
+    def __init__(self, app: ASGIApp, keys: ServerKeys) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+            needed = required_access(scope["method"], path)
+            if needed != "open":
+                refusal = _refusal(needed, self.keys.granted(
+                    Headers(scope=scope).get("authorization")))
+                if refusal is not None:
+                    await refusal(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 # ---- responses -----------------------------------------------------------------------------------
 def _error_body(exc: ModelServerError) -> dict[str, Any]:
-    """The OpenAI error body of `exc`; its type follows the status (404 not_found_error,
-    503 server_busy, other 5xx server_error, else invalid_request_error), and a 404 for a
-    model lists the `available` ids."""
-    kind = {404: "not_found_error", 503: "server_busy"}.get(exc.status_code,
-                                                             "invalid_request_error")
+    """The OpenAI error body of `exc`; its type follows the status (401 authentication_error,
+    403 permission_denied_error, 404 not_found_error, 503 server_busy, other 5xx server_error,
+    else invalid_request_error), and a 404 for a model lists the `available` ids."""
+    kind = {401: "authentication_error", 403: "permission_denied_error", 404: "not_found_error",
+            503: "server_busy"}.get(exc.status_code, "invalid_request_error")
     if exc.status_code >= 500 and exc.status_code != 503:
         kind = "server_error"
     extra = {"available": exc.available} if exc.available else {}
@@ -162,13 +268,21 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     )
 
 
-async def health(request: Request) -> dict[str, Any]:
+async def health() -> dict[str, str]:
+    """Liveness (open): the server is up and its model loaded. Nothing else, so it tells an
+    anonymous caller nothing about the model, its adapters or the machine."""
+    return {"status": "ok"}
+
+
+async def status(request: Request) -> dict[str, Any]:
+    """The detailed view (API key): the model, the loaded adapters, pending requests, the
+    batching knobs and counters (`stats.decode_rows / stats.decode_steps` = mean requests per
+    forward pass). No filesystem paths."""
     runtime = _runtime_of(request)
     model = runtime.chat_model
     return {
         "status": "ok",
         "model": model.model_name,
-        "model_path": str(model.model_path),
         "loaded_adapters": model.loaded_adapters(),
         "pending": runtime.pending,
         "batching": model.batching_info(),
@@ -187,8 +301,9 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 
 
 def _adapter_body(model: ChatModel, info: Any) -> dict[str, Any]:
+    # "path" is the folder relative to its adapter root: the server's own paths stay inside.
     return {"id": f"{model.model_name}:{info.name}", "object": "adapter", "name": info.name,
-            "path": str(info.path), "source": info.source, "loaded": info.loaded,
+            "path": info.location, "source": info.source, "loaded": info.loaded,
             **({"details": info.details} if info.details else {})}
 
 
@@ -201,7 +316,7 @@ async def list_adapters(request: Request) -> dict[str, Any]:
 async def register_adapter(body: AdapterRegistration, request: Request) -> dict[str, Any]:
     runtime = _runtime_of(request)
     model = runtime.chat_model
-    info = await asyncio.to_thread(model.register_adapter, body.name, Path(body.path))
+    info = await asyncio.to_thread(model.register_adapter, body.name, body.path)
     if body.load:  # load now (after the running batch) so errors surface here
         model_id = f"{model.model_name}:{body.name}"
         try:
@@ -255,11 +370,14 @@ async def chat_completions(body: ModelServerChatRequest,
     ))
 
 
-def add_routes(app: FastAPI) -> None:
-    """Register the error handlers and the routes (in this order, which the OpenAPI paths keep)."""
+def add_routes(app: FastAPI, keys: ServerKeys) -> None:
+    """Register the key gate, the error handlers and the routes (in this order, which the
+    OpenAPI paths keep)."""
+    app.add_middleware(KeyGate, keys=keys)
     app.add_exception_handler(ModelServerError, _model_server_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.get("/health")(health)
+    app.get("/v1/status")(status)
     app.get("/v1/models")(list_models)
     app.get("/v1/models/{model_id:path}")(get_model)
     app.get("/v1/adapters")(list_adapters)

@@ -8,19 +8,29 @@ Endpoints (FastAPI, served by uvicorn; the handlers live in `serving.model_route
   when `stream_options.include_usage`, then `data: [DONE]`). temperature (0 = greedy), top_p,
   max_tokens / max_completion_tokens, stop and seed are honoured; n must be 1.
 - `POST /v1/adapters` `{"name", "path", "load"?}`, `GET /v1/adapters`, `DELETE /v1/adapters/{name}`:
-  serve an adapter folder under a name at runtime (how champion and challenger get loaded).
-- `GET /health`: the model, loaded adapters, the number of pending requests, the batching knobs
+  serve an adapter folder under a name at runtime; `path` must lie inside an adapter root
+  (`<data_dir>/adapters` and each `--adapter-root`), best given relative to it.
+- `GET /v1/status`: the model, loaded adapters, the number of pending requests, the batching knobs
   and counters (`stats.decode_rows / stats.decode_steps` = mean requests per forward pass).
+- `GET /health`: liveness only, `{"status": "ok"}`.
+
+Every route but `/health` needs `Authorization: Bearer <key>`: the API key
+(TUNELOOP_MODEL_SERVER_API_KEY; LLM clients send it as TUNELOOP_LLM_API_KEY, and the two dev
+defaults are equal) for chat and reads, the admin key (TUNELOOP_MODEL_SERVER_ADMIN_KEY) for
+registering and removing adapters; see `serving.model_routes`. Responses show adapter folders
+relative to their root, never the server's absolute paths.
 
 Generation runs on the model's scheduler thread (the model is shared and CPU-bound), so the event
 loop stays free; concurrent requests for the same model id are batched dynamically (up to
 `max_batch_size` rows share each forward pass, see `serving.generation`), and beyond
 `max_pending` queued or running requests the server answers 503 with Retry-After. Errors use
 OpenAI's `{"error": {...}}` shape, so the official client raises its usual exceptions
-(404 → NotFoundError, 400 → BadRequestError).
+(401 → AuthenticationError, 403 → PermissionDeniedError, 404 → NotFoundError,
+400 → BadRequestError).
 
 Start it: `python -m serving.model_server --host 127.0.0.1 --port 8300`; in-process (demo,
-tests): `with running_model_server() as base_url: OpenAI(base_url=base_url, api_key="x")`.
+tests): `with running_model_server() as base_url: OpenAI(base_url=base_url, api_key=<the
+API key>)`.
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ from serving.generation import (
     ModelServerError,
     check_batching,
 )
-from serving.model_routes import ModelRuntime, add_routes
+from serving.model_routes import ModelRuntime, ServerKeys, add_routes
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,16 @@ def _default_adapter_root() -> Path:
     from tasks.core.settings import get_settings
 
     return get_settings().data_dir / "adapters"
+
+
+def _server_keys(api_key: str | None, admin_key: str | None) -> ServerKeys:
+    from tasks.core.settings import get_settings
+
+    settings = get_settings()
+    return ServerKeys(
+        settings.model_server_api_key.get_secret_value() if api_key is None else api_key,
+        settings.model_server_admin_key.get_secret_value() if admin_key is None else admin_key,
+    )
 
 
 def create_app(
@@ -71,8 +91,13 @@ def create_app(
     max_batch_size: int | None = None,
     batch_window_ms: float | None = None,
     dtype: str | None = None,
+    api_key: str | None = None,
+    admin_key: str | None = None,
 ) -> FastAPI:
     """The FastAPI app. The model loads at startup (lifespan) unless `chat_model` is given.
+
+    `api_key` (chat and reads) and `admin_key` (adapter registration and removal) default to
+    TUNELOOP_MODEL_SERVER_API_KEY and TUNELOOP_MODEL_SERVER_ADMIN_KEY; they must differ.
 
     `model_path` defaults to the converted SmolLM2 folder (`tasks.core.weights.smollm2_path()`);
     adapters are looked up under `<data_dir>/adapters/` and then each of `adapter_roots`.
@@ -85,6 +110,7 @@ def create_app(
     """
     check_batching(DEFAULT_MAX_BATCH_SIZE if max_batch_size is None else max_batch_size,
                    DEFAULT_BATCH_WINDOW_MS if batch_window_ms is None else batch_window_ms)
+    keys = _server_keys(api_key, admin_key)
     from tasks.core.weights import SMOLLM2_NAME
 
     name = model_name or SMOLLM2_NAME
@@ -117,7 +143,7 @@ def create_app(
     app = FastAPI(title="tuneloop model server", lifespan=lifespan)
     app.state.startup_error = None
 
-    add_routes(app)
+    add_routes(app, keys)
     return app
 
 
@@ -148,13 +174,33 @@ def serve(host: str | None = None, port: int | None = None, *, model_path: Path 
     from tasks.core.settings import get_settings
 
     settings = get_settings()
+    host = host or settings.model_server_host
+    _warn_about_dev_keys(host)
     app = create_app(model_path, adapter_roots=adapter_roots, num_threads=num_threads,
                      max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, dtype=dtype)
     # On SIGTERM, requests still decoding get a few seconds, then are cancelled (their rows leave
     # the batch): a stopped server must not keep the CPU busy finishing a queue nobody reads.
-    uvicorn.run(app, host=host or settings.model_server_host,
-                port=port or settings.model_server_port, log_level=log_level,
+    uvicorn.run(app, host=host, port=port or settings.model_server_port, log_level=log_level,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+
+
+def _warn_about_dev_keys(host: str) -> None:
+    """The dev keys are in the source for anyone to read: fine on loopback, a warning elsewhere."""
+    from tasks.core.settings import (
+        DEV_MODEL_SERVER_ADMIN_KEY,
+        DEV_MODEL_SERVER_API_KEY,
+        get_settings,
+    )
+
+    settings = get_settings()
+    dev_defaults = [name for name, secret, dev in (
+        ("TUNELOOP_MODEL_SERVER_API_KEY", settings.model_server_api_key, DEV_MODEL_SERVER_API_KEY),
+        ("TUNELOOP_MODEL_SERVER_ADMIN_KEY", settings.model_server_admin_key,
+         DEV_MODEL_SERVER_ADMIN_KEY),
+    ) if secret.get_secret_value() == dev]
+    if dev_defaults and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the model server listens on %s with the development default of %s; set "
+                    "them to secrets of your own", host, " and ".join(dev_defaults))
 
 
 @contextlib.contextmanager
@@ -171,7 +217,9 @@ def running_model_server(
 
     port=0 picks a free port. Returns once the model is loaded and the socket accepts requests;
     the server stops (and the port is released) when the block exits. `app_options` go to
-    `create_app` (e.g. `chat_model=` to reuse an already loaded model).
+    `create_app` (e.g. `chat_model=` to reuse an already loaded model, `api_key=` /
+    `admin_key=`; by default the TUNELOOP_MODEL_SERVER_* keys, whose dev default the LLM
+    clients' TUNELOOP_LLM_API_KEY equals).
     """
     import uvicorn
 
@@ -216,7 +264,10 @@ def running_model_server(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m serving.model_server",
-        description="Serve SmolLM2-135M-Instruct (+ LoRA adapters) with an OpenAI-compatible API.",
+        description="Serve SmolLM2-135M-Instruct (+ LoRA adapters) with an OpenAI-compatible API. "
+                    "Clients send TUNELOOP_MODEL_SERVER_API_KEY as a bearer token; adapter "
+                    "registration and removal need TUNELOOP_MODEL_SERVER_ADMIN_KEY (both read "
+                    "from the environment, never from the command line).",
     )
     parser.add_argument("--host", default=None, help="default: TUNELOOP_MODEL_SERVER_HOST")
     parser.add_argument("--port", type=int, default=None,
@@ -225,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a transformers model folder (default: converted SmolLM2)")
     parser.add_argument("--adapter-root", type=Path, action="append", default=[],
                         help="extra folder whose sub-folders are adapters (repeatable); "
-                             "<data_dir>/adapters is always searched")
+                             "<data_dir>/adapters is always searched. POST /v1/adapters only "
+                             "accepts folders inside these roots")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: one per core; use 1 on a busy "
                              "shared machine)")
@@ -242,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         check_batching(args.max_batch_size, args.batch_window_ms)
+        _server_keys(None, None)  # an empty or shared key fails here, not in uvicorn's startup
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(),

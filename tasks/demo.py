@@ -61,7 +61,8 @@ def _step(name: str, timings: dict[str, float]):
 @contextmanager
 def _model_server_process(max_batch_size: int = 16, startup_timeout_s: float = 600.0):
     """Run the model server in its own process (as in production): the demo's own work (client,
-    embeddings, training) must not share a GIL with token generation."""
+    embeddings, training) must not share a GIL with token generation. It reads its keys from the
+    environment it inherits (never from its command line); readiness is the open /health."""
     import socket
     import subprocess
     import sys
@@ -97,8 +98,12 @@ def _model_server_process(max_batch_size: int = 16, startup_timeout_s: float = 6
 
 
 def _use_endpoint(base_url: str) -> None:
-    """Point every LLM role and the router's backends at the local model server."""
+    """Point every LLM role and the router's backends at the local model server, with its key:
+    the two dev defaults are equal, but a server started with TUNELOOP_MODEL_SERVER_API_KEY of
+    its own must still be reached by the demo's LLM clients (the router's backends read that
+    setting themselves)."""
     os.environ["TUNELOOP_LLM_BASE_URL"] = base_url
+    os.environ["TUNELOOP_LLM_API_KEY"] = get_settings().model_server_api_key.get_secret_value()
     os.environ["TUNELOOP_ROUTER_CHAMPION_BASE_URL"] = base_url
     get_settings.cache_clear()
 

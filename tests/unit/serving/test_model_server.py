@@ -1,8 +1,9 @@
 """The local model server through the official `openai` client, with real SmolLM2 tokens.
 
-One server per module (port 0) on one SmolLM2 load; a LoRA adapter with random non-zero weights is
-made from a copy of that model and saved under a temporary adapter root. Completions stay short
-(~15 tokens/s on 2 CPU cores). The batching tests drive `ChatModel.submit` directly with a long
+One server per module (port 0) on one SmolLM2 load, with keys of its own; a LoRA adapter with
+random non-zero weights is made from a copy of that model and saved under a temporary adapter root
+(adapters a test must not see served by the root scan go to a `staging/` sub-folder, which only a
+registration serves). Completions stay short (~15 tokens/s on 2 CPU cores). The batching tests drive `ChatModel.submit` directly with a long
 batch window that closes when the batch is full, so which requests share a batch is deterministic.
 """
 
@@ -14,6 +15,7 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -27,6 +29,17 @@ pytestmark = pytest.mark.slow
 BASE = "smollm2-135m-instruct"
 ADAPTER = "random-lora"
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
+API_KEY = "test-model-server-key"
+ADMIN_KEY = "test-model-server-admin-key"
+KEYS = {"api_key": API_KEY, "admin_key": ADMIN_KEY}
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+API = _bearer(API_KEY)
+ADMIN = _bearer(ADMIN_KEY)
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
@@ -68,7 +81,7 @@ def adapter_dir(chat_model, adapter_root: Path) -> Path:
 def server_url(chat_model, adapter_dir: Path):
     from serving.model_server import running_model_server
 
-    with running_model_server(port=0, chat_model=chat_model) as base_url:
+    with running_model_server(port=0, chat_model=chat_model, **KEYS) as base_url:
         yield base_url
 
 
@@ -76,8 +89,19 @@ def server_url(chat_model, adapter_dir: Path):
 def client(server_url: str):
     from openai import OpenAI
 
-    with OpenAI(base_url=server_url, api_key="unused", max_retries=0, timeout=120) as c:
+    with OpenAI(base_url=server_url, api_key=API_KEY, max_retries=0, timeout=120) as c:
         yield c
+
+
+@pytest.fixture
+def staging(adapter_root: Path, request) -> Iterator[Path]:
+    """A folder inside the adapter root that the root scan does not serve (not an adapter)."""
+    import shutil
+
+    folder = adapter_root / "staging" / request.node.name[:60].replace("[", "-").strip("]")
+    folder.mkdir(parents=True)
+    yield folder
+    shutil.rmtree(folder)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +165,8 @@ def test_streaming_chunks_concatenate_to_the_non_streaming_greedy_reply(client, 
 def test_stream_without_include_usage_ends_with_done_and_no_usage_chunk(server_url):
     body = {"model": BASE, "messages": MESSAGES, "temperature": 0, "max_tokens": 3,
             "stream": True}
-    with httpx.stream("POST", f"{server_url}/chat/completions", json=body, timeout=60) as resp:
+    with httpx.stream("POST", f"{server_url}/chat/completions", json=body, headers=API,
+                      timeout=60) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         events = [line.removeprefix("data: ") for line in resp.iter_lines() if line]
     assert events[-1] == "[DONE]"
@@ -248,7 +273,7 @@ def test_adapter_by_name_changes_greedy_output_and_base_stays_unchanged(client, 
 
 def test_adapter_registered_at_runtime_is_listed_and_served(client, server_url, adapter_dir):
     adapted = _greedy(client, model=f"{BASE}:{ADAPTER}", max_tokens=6)
-    response = httpx.post(f"{server_url}/adapters",
+    response = httpx.post(f"{server_url}/adapters", headers=ADMIN,
                           json={"name": "champion", "path": str(adapter_dir), "load": True},
                           timeout=60)
     assert response.status_code == 200, response.text
@@ -256,7 +281,7 @@ def test_adapter_registered_at_runtime_is_listed_and_served(client, server_url, 
     assert f"{BASE}:champion" in [m.id for m in client.models.list()]
     served = _greedy(client, model=f"{BASE}:champion", max_tokens=6)
     assert served.choices[0].message.content == adapted.choices[0].message.content
-    deleted = httpx.delete(f"{server_url}/adapters/champion", timeout=60)
+    deleted = httpx.delete(f"{server_url}/adapters/champion", headers=ADMIN, timeout=60)
     assert deleted.status_code == 200 and deleted.json()["deleted"] is True
     assert f"{BASE}:champion" not in [m.id for m in client.models.list()]
 
@@ -299,57 +324,245 @@ def test_adapter_that_fails_to_load_is_an_error_and_the_base_keeps_serving(
         list(_greedy(client, model=f"{BASE}:broken", max_tokens=2, stream=True))
     assert "could not be loaded" in str(info.value)
     # Registered with load=true, the same failure is the admin call's answer, not a later user's.
-    response = httpx.post(f"{client.base_url}adapters", timeout=60,
-                          json={"name": "broken2", "path": str(folder), "load": True})
+    response = httpx.post(f"{client.base_url}adapters", timeout=60, headers=ADMIN,
+                          json={"name": "broken2", "path": "broken", "load": True})
     assert response.status_code == 500 and "could not be loaded" in response.text
     assert f"{BASE}:broken2" not in [m.id for m in client.models.list()]
     assert _greedy(client).choices[0].message.content == greedy_base.choices[0].message.content
 
 
-def test_truncated_adapter_weights_are_a_400(server_url, adapter_dir, tmp_path):
+def test_truncated_adapter_weights_are_a_400(server_url, adapter_dir, staging):
     import shutil
 
-    folder = tmp_path / "truncated"
+    folder = staging / "truncated"
     shutil.copytree(adapter_dir, folder)
     weights = folder / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     response = httpx.post(f"{server_url}/adapters", json={"name": "t", "path": str(folder)},
-                          timeout=30)
+                          headers=ADMIN, timeout=30)
     assert response.status_code == 400
     assert "unreadable weights" in response.json()["error"]["message"]
+    assert str(folder) not in response.text
 
 
-def test_registering_a_folder_without_an_adapter_is_a_400(server_url, tmp_path):
-    response = httpx.post(f"{server_url}/adapters", json={"name": "x", "path": str(tmp_path)},
-                          timeout=30)
+def test_registering_a_folder_without_an_adapter_is_a_400(server_url, staging):
+    response = httpx.post(f"{server_url}/adapters", headers=ADMIN, timeout=30,
+                          json={"name": "x", "path": str(staging)})
     assert response.status_code == 400
     assert "adapter_config.json" in response.json()["error"]["message"]
 
 
-def test_adapter_trained_on_another_base_model_is_rejected_with_the_reason(server_url, tmp_path):
+def test_adapter_trained_on_another_base_model_is_rejected_with_the_reason(server_url, staging):
     from transformers import AutoModelForCausalLM
 
     from tasks.core.weights import tinycoder_path
 
     tiny = AutoModelForCausalLM.from_pretrained(str(tinycoder_path()))
-    folder = _save_random_lora(tiny, tmp_path / "tiny-lora", r=2)
+    folder = _save_random_lora(tiny, staging / "tiny-lora", r=2)
     response = httpx.post(f"{server_url}/adapters", json={"name": "tiny", "path": str(folder)},
-                          timeout=30)
+                          headers=ADMIN, timeout=30)
     assert response.status_code == 400
-    assert "does not fit smollm2-135m-instruct" in response.json()["error"]["message"]
+    message = response.json()["error"]["message"]
+    assert "does not fit smollm2-135m-instruct" in message
+    # peft records the folder the base was loaded from; only its name is shown.
+    assert str(tinycoder_path()) not in message and tinycoder_path().name in message
+
+
+# ---- keys ----------------------------------------------------------------------------------------
+def _every_route(app) -> list[tuple[str, str]]:
+    """(method, path) of every route the app serves, its path parameters filled in."""
+    import re
+
+    from starlette.routing import Route
+
+    return [(method, re.sub(r"\{[^}]+\}", "x", route.path))
+            for route in app.routes if isinstance(route, Route)
+            for method in sorted(route.methods or ()) if method != "HEAD"]
+
+
+def test_every_route_but_health_answers_401_without_the_key_or_with_a_wrong_one(
+        server_url, chat_model):
+    from serving.model_server import create_app
+
+    routes = _every_route(create_app(chat_model=chat_model, **KEYS))
+    assert ("POST", "/v1/adapters") in routes and ("GET", "/v1/status") in routes
+    credentials = {"no key": {}, "wrong key": _bearer("not-the-key"),
+                   "not bearer": {"Authorization": f"Basic {API_KEY}"}}
+    answers = {}
+    for method, path in routes:
+        if path == "/health":
+            continue
+        for label, headers in credentials.items():
+            response = httpx.request(method, f"{_root(server_url)}{path}", headers=headers,
+                                     json={"model": BASE, "messages": MESSAGES}, timeout=10)
+            answers[f"{label} {method} {path}"] = (
+                response.status_code, response.json()["error"]["type"],
+                response.headers.get("www-authenticate"))
+    assert set(answers.values()) == {(401, "authentication_error", "Bearer")}, answers
+
+
+def test_a_request_without_the_key_is_refused_before_its_body_is_read(server_url):
+    response = httpx.post(f"{server_url}/adapters", content=b"{not json", timeout=10,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 401
+
+
+def test_the_openai_client_with_a_wrong_key_raises_authentication_error(server_url):
+    from openai import AuthenticationError, OpenAI
+
+    with OpenAI(base_url=server_url, api_key="wrong", max_retries=0) as wrong, \
+            pytest.raises(AuthenticationError) as info:
+        wrong.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=2)
+    assert "TUNELOOP_MODEL_SERVER_API_KEY" in str(info.value)
+
+
+def test_health_is_liveness_only_and_needs_no_key(server_url):
+    response = httpx.get(f"{_root(server_url)}/health", timeout=10)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}  # no model, adapter or path
+
+
+def test_status_shows_the_model_and_adapters_but_no_path(server_url, adapter_root, chat_model):
+    response = httpx.get(f"{_root(server_url)}/v1/status", headers=API, timeout=10)
+    assert response.status_code == 200
+    assert response.json()["model"] == BASE and "loaded_adapters" in response.json()
+    for secret_path in (adapter_root, chat_model.model_path, Path.home()):
+        assert str(secret_path) not in response.text
+
+
+def test_the_admin_key_also_passes_where_the_api_key_does(server_url):
+    assert httpx.get(f"{server_url}/models", headers=ADMIN, timeout=10).status_code == 200
+
+
+def test_equal_or_empty_keys_are_refused_with_the_fix(chat_model):
+    from serving.model_server import create_app
+
+    with pytest.raises(ValueError, match="give the admin key a value of its own"):
+        create_app(chat_model=chat_model, api_key="same", admin_key="same")
+    with pytest.raises(ValueError, match="TUNELOOP_MODEL_SERVER_API_KEY is empty"):
+        create_app(chat_model=chat_model, api_key="", admin_key=ADMIN_KEY)
+
+
+def _registered_names(server_url: str) -> list[str]:
+    response = httpx.get(f"{server_url}/adapters", headers=API, timeout=10)
+    return [a["name"] for a in response.json()["data"] if a["source"] == "registered"]
+
+
+def test_the_api_key_cannot_register_or_remove_adapters(server_url, client):
+    from openai import PermissionDeniedError
+
+    with pytest.raises(PermissionDeniedError) as info:  # what the openai client makes of it
+        client.post("/adapters", body={"name": "intruder", "path": ADAPTER}, cast_to=object)
+    assert "TUNELOOP_MODEL_SERVER_ADMIN_KEY" in str(info.value)
+    assert "intruder" not in _registered_names(server_url)
+    registered = httpx.post(f"{server_url}/adapters", headers=ADMIN, timeout=60,
+                            json={"name": "keeper", "path": ADAPTER})
+    assert registered.status_code == 200, registered.text
+    try:
+        refused = httpx.delete(f"{server_url}/adapters/keeper", headers=API, timeout=10)
+        assert refused.status_code == 403
+        assert refused.json()["error"]["type"] == "permission_denied_error"
+        assert "keeper" in _registered_names(server_url)
+    finally:
+        httpx.delete(f"{server_url}/adapters/keeper", headers=ADMIN, timeout=10)
+
+
+# ---- adapter paths -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def outside_adapter(adapter_dir: Path, tmp_path_factory) -> Path:
+    """A valid adapter outside every adapter root: registering it would work but for the rule."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("outside") / "evil"
+    shutil.copytree(adapter_dir, folder)
+    return folder
+
+
+@pytest.fixture
+def escaping_link(adapter_root: Path, outside_adapter: Path) -> Iterator[str]:
+    link = adapter_root / "escapee"
+    link.symlink_to(outside_adapter, target_is_directory=True)
+    yield link.name
+    link.unlink()
+
+
+@pytest.mark.parametrize("how", ["absolute /etc", "absolute outside", "../ escape",
+                                 "symlink escape"])
+def test_a_path_outside_the_adapter_roots_is_rejected_and_nothing_registered(
+        how, server_url, client, adapter_root, outside_adapter, escaping_link):
+    import os
+
+    path = {"absolute /etc": "/etc", "absolute outside": str(outside_adapter),
+            "../ escape": os.path.relpath(outside_adapter, adapter_root),
+            "symlink escape": escaping_link}[how]
+    response = httpx.post(f"{server_url}/adapters", headers=ADMIN, timeout=30,
+                          json={"name": "smuggled", "path": path, "load": True})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "path" and error["code"] == "path_outside_adapter_roots"
+    assert "adapter roots" in error["message"] and "--adapter-root" in error["message"]
+    assert str(outside_adapter) not in response.text and str(adapter_root) not in response.text
+    assert "smuggled" not in _registered_names(server_url)
+    assert f"{BASE}:smuggled" not in [m.id for m in client.models.list()]
+
+
+def test_a_root_entry_whose_symlink_escapes_the_root_is_not_served(client, adapter_root,
+                                                                   adapter_dir, escaping_link):
+    from openai import NotFoundError
+
+    inner_link = adapter_root / "alias-inside"
+    inner_link.symlink_to(adapter_dir, target_is_directory=True)
+    try:
+        ids = [m.id for m in client.models.list()]
+        assert f"{BASE}:{escaping_link}" not in ids
+        assert f"{BASE}:alias-inside" in ids  # a link that stays inside its root is fine
+        with pytest.raises(NotFoundError):
+            client.chat.completions.create(model=f"{BASE}:{escaping_link}", messages=MESSAGES,
+                                           max_tokens=2)
+    finally:
+        inner_link.unlink()
+
+
+def test_an_adapter_registered_by_its_path_in_the_root_is_shown_without_absolute_paths(
+        server_url, client, adapter_root, adapter_dir, staging):
+    import shutil
+
+    shutil.copytree(adapter_dir, staging / "run-12")
+    relative = (staging / "run-12").relative_to(adapter_root).as_posix()
+    response = httpx.post(f"{server_url}/adapters", headers=ADMIN, timeout=60,
+                          json={"name": "staged", "path": relative})
+    try:
+        assert response.status_code == 200, response.text
+        assert response.json()["path"] == relative
+        assert f"{BASE}:staged" in [m.id for m in client.models.list()]
+        listing = httpx.get(f"{server_url}/adapters", headers=API, timeout=10)
+        for body in (response.text, listing.text):
+            assert str(adapter_root) not in body and str(Path.home()) not in body
+        assert {a["path"] for a in listing.json()["data"]} >= {relative, ADAPTER}
+    finally:
+        httpx.delete(f"{server_url}/adapters/staged", headers=ADMIN, timeout=10)
+
+
+def test_an_invalid_adapter_name_is_a_400_naming_the_field(server_url):
+    response = httpx.post(f"{server_url}/adapters", headers=ADMIN, timeout=10,
+                          json={"name": "../champion", "path": ADAPTER})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "name"
 
 
 # ---- serving behaviour ---------------------------------------------------------------------------
-def _health(server_url: str) -> dict:
-    return httpx.get(f"{_root(server_url)}/health", timeout=10).json()
+def _status(server_url: str) -> dict:
+    response = httpx.get(f"{_root(server_url)}/v1/status", headers=API, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 def _wait_until_idle(server_url: str, timeout_s: float = 60) -> dict:
-    """Wait for queued/cancelled generations of earlier tests to finish; returns /health."""
+    """Wait for queued/cancelled generations of earlier tests to finish; returns /v1/status."""
     deadline = time.monotonic() + timeout_s
-    while (health := _health(server_url))["pending"] and time.monotonic() < deadline:
+    while (status := _status(server_url))["pending"] and time.monotonic() < deadline:
         time.sleep(0.1)
-    return health
+    return status
 
 
 def test_event_loop_stays_responsive_while_generating(client, server_url):
@@ -359,9 +572,9 @@ def test_event_loop_stays_responsive_while_generating(client, server_url):
     )
     try:
         next(c for c in stream if c.choices and c.choices[0].delta.content)
-        health = _health(server_url)
-        # The generation is still running on the worker thread, yet /health answered.
-        assert health["status"] == "ok" and health["pending"] == 1
+        status = _status(server_url)
+        # The generation is still running on the worker thread, yet /v1/status answered.
+        assert status["status"] == "ok" and status["pending"] == 1
     finally:
         stream.close()
         _wait_until_idle(server_url)
@@ -369,7 +582,7 @@ def test_event_loop_stays_responsive_while_generating(client, server_url):
 
 def test_client_disconnect_cancels_the_generation(client, server_url):
     def stats() -> dict:
-        return _health(server_url)["stats"]
+        return _status(server_url)["stats"]
 
     before = _wait_until_idle(server_url)["stats"]["cancelled"]
     stream = client.chat.completions.create(
@@ -391,15 +604,15 @@ def test_full_queue_answers_503_with_retry_after(chat_model):
 
     from serving.model_server import running_model_server
 
-    with running_model_server(port=0, chat_model=chat_model, max_pending=1) as url, \
-            OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120) as small_client:
+    with running_model_server(port=0, chat_model=chat_model, max_pending=1, **KEYS) as url, \
+            OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=120) as small_client:
         stream = small_client.chat.completions.create(
             model=BASE, temperature=0, max_tokens=48, stream=True,
             messages=[{"role": "user", "content": "Write a long story about a dragon and a knight."}],
         )
         try:
             next(c for c in stream if c.choices and c.choices[0].delta.content)
-            busy = httpx.post(f"{url}/chat/completions", timeout=30,
+            busy = httpx.post(f"{url}/chat/completions", timeout=30, headers=API,
                               json={"model": BASE, "messages": MESSAGES, "max_tokens": 2})
             assert busy.status_code == 503
             assert busy.headers["retry-after"] == "2"
@@ -619,7 +832,7 @@ def test_disconnecting_one_stream_leaves_its_batch_mates_intact(client, server_u
         _greedy(client).choices[0].message.content))
     mate.start()
     deadline = time.monotonic() + 60
-    while _health(server_url)["batching"]["running"] < 2 and time.monotonic() < deadline:
+    while _status(server_url)["batching"]["running"] < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
     stream.close()
     mate.join(timeout=120)
@@ -629,8 +842,8 @@ def test_disconnecting_one_stream_leaves_its_batch_mates_intact(client, server_u
     assert after["joined"] >= before["joined"] + 1
 
 
-def test_health_reports_the_batching_options(server_url):
-    batching = _health(server_url)["batching"]
+def test_status_reports_the_batching_options(server_url):
+    batching = _status(server_url)["batching"]
     assert batching["max_batch_size"] == 8 and batching["batch_window_ms"] == 5.0
     assert batching["queued"] == 0
 
@@ -668,8 +881,13 @@ def test_sigterm_stops_a_busy_server_within_the_grace_period(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    import os
+
+    # The keys reach `python -m serving.model_server` through its settings, as in production.
+    env = {**os.environ, "TUNELOOP_MODEL_SERVER_API_KEY": API_KEY,
+           "TUNELOOP_MODEL_SERVER_ADMIN_KEY": ADMIN_KEY}
     proc = subprocess.Popen([sys.executable, "-m", "serving.model_server", "--host",
-                             "127.0.0.1", "--port", str(port), "--log-level", "warning"])
+                             "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -683,14 +901,14 @@ def test_sigterm_stops_a_busy_server_within_the_grace_period(tmp_path):
 
         def long_request() -> None:
             with contextlib.suppress(httpx.HTTPError):
-                httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
+                httpx.post(f"{url}/v1/chat/completions", timeout=300, headers=API, json={
                     "model": BASE, "max_tokens": 4000, "temperature": 1.0, "seed": 1,
                     "messages": [{"role": "user", "content": "Write a very long story."}]})
 
         workers = [threading.Thread(target=long_request, daemon=True) for _ in range(4)]
         for worker in workers:
             worker.start()
-        while _health(url)["pending"] < 4:
+        while _status(url)["pending"] < 4:
             time.sleep(0.1)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
