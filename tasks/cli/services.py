@@ -4,6 +4,7 @@ offline demo, the two long-running services, conversation generation and the reg
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from tasks.cli.common import add_command, flag, params_of
@@ -31,7 +32,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _serve_model(args: argparse.Namespace) -> int:
     from serving.model_server import main as serve
 
-    return serve(["--host", args.host, "--port", str(args.port)]) or 0
+    # The keys travel in the environment (TUNELOOP_MODEL_SERVER_API_KEY / _ADMIN_KEY), never
+    # on a command line that `ps` shows.
+    roots = [arg for root in args.adapter_root for arg in ("--adapter-root", str(root))]
+    return serve(["--host", args.host, "--port", str(args.port), *roots]) or 0
 
 
 def _serve_router(args: argparse.Namespace) -> int:
@@ -82,17 +86,27 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                           help="registered model (default: TUNELOOP_REGISTERED_MODEL_NAME)")
     adapters.add_argument("--json", action="store_true", help="print rows as JSON")
 
-    for name, fn, port, what in (
+    model_keys = ("TUNELOOP_MODEL_SERVER_API_KEY=$(cat api.key) "
+                  "TUNELOOP_MODEL_SERVER_ADMIN_KEY=$(cat admin.key) tuneloop serve-model "
+                  "--host 0.0.0.0")
+    servers = {}
+    for name, fn, port, what, more in (
         ("serve-model", _serve_model, DEFAULT_MODEL_SERVER_PORT,
-         "local OpenAI-compatible SmolLM2 server (+ LoRA adapters)"),
+         "local OpenAI-compatible SmolLM2 server (+ LoRA adapters), behind bearer keys",
+         [model_keys]),
         ("serve-router", _serve_router, DEFAULT_ROUTER_PORT,
-         "champion/challenger router + reactions API"),
+         "champion/challenger router + reactions API", []),
     ):
         server = add_command(sub, name, fn, parents=parents, summary=what,
                              examples=[f"tuneloop {name}",
-                                       f"tuneloop {name} --host 0.0.0.0 --port {port}"])
+                                       f"tuneloop {name} --host 0.0.0.0 --port {port}", *more])
         server.add_argument("--host", default="127.0.0.1")
         server.add_argument("--port", type=int, default=port)
+        servers[name] = server
+    servers["serve-model"].add_argument(
+        "--adapter-root", type=Path, action="append", default=[],
+        help="extra folder whose sub-folders are adapters (repeatable); <data_dir>/adapters is "
+             "always one. POST /v1/adapters only accepts folders inside these roots")
 
     demo = add_command(sub, "demo", _demo, parents=parents,
                        summary="run the whole loop offline on embedded defaults",
