@@ -1,18 +1,30 @@
 """The interaction log: every request the router answers becomes one complete `interactions`
 row (`interaction_row`), queued without blocking the response and written by one batch writer
-thread (`InteractionLog`) as a single upsert per batch; `batch_json` encodes a batch as one JSON
-document PostgreSQL accepts, cleaning the rare client text (NUL characters, lone surrogates) it
-would reject.
+thread (`InteractionLog`) as a single upsert per batch; reactions (`reaction_row`,
+`InteractionLog.submit_reaction`) travel the same queue and are inserted after the interactions of
+the same batch. When PostgreSQL is unreachable, batches go to a bounded local spool (`Spool`:
+append-only, fsync'd JSONL segments under `spool_dir`) instead of being lost; the writer retries
+with backoff, replays the spool in order once the database answers (idempotent upserts, each
+segment deleted only after it is committed) and replays a spool a crashed process left behind at
+start-up. A row PostgreSQL rejects is dropped alone and never spooled. `batch_json` encodes a
+batch as one JSON document PostgreSQL accepts, cleaning the rare client text (NUL characters,
+lone surrogates) it would reject.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("serving.router")  # the router's one log, as before the split
@@ -30,6 +42,17 @@ _SQL_TYPES = {"id": "text", "user_hash": "text", "deployment_id": "text", "varia
               "ttft_ms": "float8", "created_at": "timestamptz", "client_id": "text",
               "request_id": "text"}
 
+_REACTION_KEYS = ("id", "interaction_id", "reaction", "dwell_ms", "idempotency_key",
+                  "client_id", "created_at")
+_REACTION_REQUIRED = frozenset(("id", "interaction_id", "reaction", "dwell_ms"))
+_REACTION_SQL_TYPES = {"id": "text", "interaction_id": "text", "reaction": "text",
+                       "dwell_ms": "int8", "idempotency_key": "text", "client_id": "text",
+                       "created_at": "timestamptz"}
+
+SPOOL_CAP_SETTING = "TUNELOOP_SPOOL_MAX_BYTES"
+_INTERACTION, _REACTION = "interaction", "reaction"  # queue item kinds
+_MAX_SLOTS = 64  # writers sharing one spool_dir (processes, or routers in one test process)
+
 
 def interaction_row(**values: Any) -> dict[str, Any]:
     """A complete interactions row (every column present, so batches insert as one statement)."""
@@ -45,29 +68,305 @@ def interaction_row(**values: Any) -> dict[str, Any]:
     return row
 
 
-class InteractionLog:
-    """A bounded queue drained by one writer thread into `interactions` in batched upserts.
+def reaction_row(**values: Any) -> dict[str, Any]:
+    """A complete reactions row; `created_at` defaults to now, so a reaction replayed after an
+    outage keeps the time it was made."""
+    unknown = values.keys() - _REACTION_SQL_TYPES.keys()
+    if unknown:
+        raise ValueError(f"unknown reaction columns {sorted(unknown)}")
+    missing = _REACTION_REQUIRED - values.keys()
+    if missing:
+        raise ValueError(f"a reaction row needs {sorted(missing)}")
+    row: dict[str, Any] = {"idempotency_key": None, "client_id": None, **values}
+    if row.get("created_at") is None:
+        row["created_at"] = datetime.now(UTC)
+    return row
 
-    `submit` never blocks the caller (a full queue drops the row and counts it); `wait_written`
-    lets the reactions API wait for an interaction that is still queued; `close` flushes.
+
+@dataclass
+class Batch:
+    """What one drain writes: interaction rows, then reaction rows (which may reference them)."""
+
+    interactions: list[dict[str, Any]] = field(default_factory=list)
+    reactions: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.interactions) + len(self.reactions)
+
+    def line(self) -> bytes:
+        """The batch as one spool line (JSONL); TypeError for a value JSON cannot hold."""
+        return ('{"interactions":' + batch_json(self.interactions) + ',"reactions":'
+                + batch_json(self.reactions) + "}\n").encode("utf-8")
+
+
+class _Unavailable(Exception):
+    """The database could not be reached (connection refused, lost or timed out)."""
+
+
+# ---- the spool ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Segment:
+    path: Path
+    size: int  # bytes on disk
+    rows: int  # rows not yet replayed
+    offset: int = 0  # bytes already replayed by this process
+
+
+class Spool:
+    """Batches kept on local disk while the database is down: append-only JSONL segments (one
+    line per batch, fsync'd before `append` returns), bounded by `max_bytes` in all.
+
+    Each writer claims a slot under `root` (`writer-<k>/`, held with an flock on
+    `writer-<k>.lock` for its lifetime), so processes or routers sharing a spool_dir never
+    interleave. `open` loads what a previous owner of the slot left behind and adopts the
+    segments of free slots, so nothing a crashed process spooled is left unreplayed. Only the
+    writer thread calls it; `holds`, `rows` and `bytes` may be read from any thread.
+    """
+
+    def __init__(self, root: Path, max_bytes: int, segment_bytes: int = 4 * 1024 * 1024) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.dir: Path | None = None
+        self.segments: list[_Segment] = []
+        self.rows = 0
+        self.bytes = 0
+        self._ids: set[str] = set()  # interaction ids held (reactions look them up)
+        self._lock_fd: int | None = None
+        self._active_fd: int | None = None
+        self._next_seq = 0
+
+    # -- lifecycle --
+    def open(self) -> Spool:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # user text: owner only
+        slot = self._claim_slot()
+        self.dir = self.root / f"writer-{slot}"
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        self._adopt_free_slots(slot)
+        for path in sorted(self.dir.glob("*.jsonl")):
+            self._load(path)
+        self._next_seq = 1 + max((int(s.path.stem) for s in self.segments), default=-1)
+        if self.segments:
+            log.warning("interaction log: %d rows spooled by an earlier process in %s; "
+                        "replaying them", self.rows, self.dir)
+        return self
+
+    def close(self) -> None:
+        self._close_active()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the slot
+            self._lock_fd = None
+
+    def _claim_slot(self) -> int:
+        for slot in range(_MAX_SLOTS):
+            fd = self._try_lock(slot)
+            if fd is not None:
+                self._lock_fd = fd
+                return slot
+        raise OSError(f"all {_MAX_SLOTS} spool slots under {self.root} are held by live writers")
+
+    def _try_lock(self, slot: int) -> int | None:
+        fd = os.open(self.root / f"writer-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _adopt_free_slots(self, own: int) -> None:
+        """Move the segments of slots no live writer holds into ours (after our own)."""
+        assert self.dir is not None
+        own_seqs = [int(p.stem) for p in self.dir.glob("*.jsonl")]
+        seq = 1 + max(own_seqs, default=-1)
+        for other in sorted(self.root.glob("writer-*/")):
+            slot = other.name.removeprefix("writer-")
+            if not slot.isdigit() or int(slot) == own or not any(other.glob("*.jsonl")):
+                continue
+            fd = self._try_lock(int(slot))
+            if fd is None:
+                continue  # a live writer: its spool is its own
+            try:
+                for path in sorted(other.glob("*.jsonl")):
+                    path.rename(self.dir / f"{seq:012d}.jsonl")
+                    seq += 1
+                _fsync_dir(self.dir)
+                _fsync_dir(other)
+            finally:
+                os.close(fd)
+
+    def _load(self, path: Path) -> None:
+        data = path.read_bytes()
+        rows = 0
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            log.warning("interaction log: %s ends in %d bytes of a batch cut short by a crash; "
+                        "skipping them", path, len(data) - end)
+        for line in data[:end].splitlines():
+            batch = _decode(line, path)
+            if batch is not None:
+                rows += len(batch)
+                self._ids.update(row["id"] for row in batch.interactions)
+        self.segments.append(_Segment(path=path, size=len(data), rows=rows))
+        self.rows += rows
+        self.bytes += len(data)
+
+    # -- writing --
+    def holds(self, interaction_id: str) -> bool:
+        return interaction_id in self._ids
+
+    def append(self, batch: Batch) -> bool:
+        """Add one batch (a line) durably; False when it would exceed `max_bytes`. Raises
+        OSError when the disk refuses it (the segment is left as it was), TypeError when a row
+        holds a value JSON cannot."""
+        encoded = batch.line()
+        if self.bytes + len(encoded) > self.max_bytes:
+            return False
+        active = self.segments[-1] if self.segments and self._active_fd is not None else None
+        if active is None or active.size >= self.segment_bytes:
+            active = self._new_segment()
+        assert self._active_fd is not None
+        start = active.size
+        try:
+            view = memoryview(encoded)
+            while view:
+                view = view[os.write(self._active_fd, view):]
+            os.fsync(self._active_fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._active_fd, start)  # never leave half a line behind
+            raise
+        active.size += len(encoded)
+        active.rows += len(batch)
+        self.rows += len(batch)
+        self.bytes += len(encoded)
+        self._ids.update(row["id"] for row in batch.interactions)
+        return True
+
+    def _new_segment(self) -> _Segment:
+        assert self.dir is not None
+        self._close_active()
+        path = self.dir / f"{self._next_seq:012d}.jsonl"
+        self._next_seq += 1
+        self._active_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        _fsync_dir(self.dir)  # the new name survives a crash too
+        segment = _Segment(path=path, size=0, rows=0)
+        self.segments.append(segment)
+        return segment
+
+    def _close_active(self) -> None:
+        if self._active_fd is not None:
+            os.close(self._active_fd)
+            self._active_fd = None
+
+    # -- replaying --
+    def read(self, segment: _Segment) -> Iterator[tuple[int, Batch | None]]:
+        """(end offset, batch) for each whole line not yet replayed; None for a corrupt line."""
+        with segment.path.open("rb") as handle:
+            handle.seek(segment.offset)
+            data = handle.read()
+        position = segment.offset
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # cut short by a crash (skipped, see _load)
+            position += len(line)
+            yield position, _decode(line, segment.path)
+
+    def replayed(self, segment: _Segment, end: int, batch: Batch | None) -> None:
+        """The line ending at `end` is committed: forget its rows."""
+        segment.offset = end
+        if batch is not None:
+            segment.rows -= len(batch)
+            self.rows -= len(batch)
+            self._ids.difference_update(row["id"] for row in batch.interactions)
+
+    def remove(self, segment: _Segment) -> None:
+        """Delete a segment whose every line is committed."""
+        if self.segments and segment is self.segments[-1]:
+            self._close_active()
+        segment.path.unlink(missing_ok=True)
+        self.segments.remove(segment)
+        self.rows -= segment.rows  # 0 unless lines were corrupt
+        self.bytes -= segment.size
+
+
+def _decode(line: bytes, path: Path) -> Batch | None:
+    try:
+        record = json.loads(line)
+        return Batch(interactions=record["interactions"], reactions=record["reactions"])
+    except (ValueError, KeyError, TypeError):
+        log.error("interaction log: skipping a corrupt spool line in %s", path)
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- the writer --------------------------------------------------------------------------------
+
+
+class InteractionLog:
+    """A bounded queue drained by one writer thread into `interactions` (and `reactions`) in
+    batched upserts, spooled to local disk while the database is unreachable.
+
+    `submit`/`submit_reaction` never block the caller (a full queue drops the row and counts it).
+    `is_pending` is True while an interaction is only in memory and `wait_written` waits until it
+    is written or spooled (durable either way); `is_known` is True while it is accepted but not
+    yet in the database (in memory or spooled), so the reactions API can take a reaction during
+    an outage. `flush` waits until everything is in the database; `close` flushes what it can and
+    leaves the rest spooled for the next start.
     """
 
     _STOP = object()
 
     def __init__(self, engine: Any, *, batch_size: int = 256, flush_interval_s: float = 0.2,
-                 queue_max: int = 100_000) -> None:
+                 queue_max: int = 100_000, spool_dir: Path | None = None,
+                 spool_max_bytes: int | None = None,
+                 spool_segment_bytes: int = 4 * 1024 * 1024, retry_initial_s: float = 0.25,
+                 retry_max_s: float = 2.0) -> None:
+        if spool_dir is None or spool_max_bytes is None:
+            from tasks.core.settings import get_settings
+
+            settings = get_settings()
+            spool_dir = settings.resolved_spool_dir if spool_dir is None else spool_dir
+            spool_max_bytes = (settings.spool_max_bytes if spool_max_bytes is None
+                               else spool_max_bytes)
         self.engine = engine
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
+        self.spool_dir = Path(spool_dir)
+        self.spool_max_bytes = spool_max_bytes
+        self.spool_segment_bytes = spool_segment_bytes
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_max)
         self._pending: set[str] = set()
+        self._outstanding = 0  # items submitted and not yet written, spooled, failed or dropped
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._insert_stmt: Any = None
-        self.written = 0
-        self.dropped = 0
-        self.failed = 0
+        self._spool: Spool | None = None
+        self._spool_ready = threading.Event()
+        self._statements: dict[str, Any] = {}
+        self._retry_at = 0.0
+        self._backoff_s = retry_initial_s
+        self._outage_since: float | None = None
+        self._replay_rest: Batch | None = None  # what is left of a half-replayed spool line
+        self._drop_logged_at = -1e9
+        self.written = 0  # interaction rows
+        self.reactions_written = 0
+        self.dropped = 0  # rows of either kind: queue full, spool full or unusable
+        self.failed = 0  # rows of either kind PostgreSQL rejected
         self.batches = 0
+        self.spooled_total = 0  # rows ever spooled by this writer
+        self.replayed = 0  # spooled rows replayed into the database (or failed there)
+        self.outages = 0
 
     def start(self) -> InteractionLog:
         if self._thread is None:
@@ -76,38 +375,81 @@ class InteractionLog:
             self._thread.start()
         return self
 
+    # -- the request path: O(1), never blocks --
     def submit(self, row: dict[str, Any]) -> bool:
         with self._cond:
             self._pending.add(row["id"])
+            self._outstanding += 1
         try:
-            self._queue.put_nowait(row)
+            self._queue.put_nowait((_INTERACTION, row))
             return True
         except queue.Full:
             with self._cond:
                 self._pending.discard(row["id"])
+                self._outstanding -= 1
                 self.dropped += 1
+                self._cond.notify_all()
             log.error("interaction log queue full; dropped interaction %s", row["id"])
             return False
 
+    def submit_reaction(self, row: dict[str, Any]) -> bool:
+        """Queue a `reactions` row (see `reaction_row`); inserted ON CONFLICT (id) DO NOTHING
+        after the interactions of the same batch. False when the queue is full (dropped)."""
+        row = reaction_row(**row)
+        with self._cond:
+            self._outstanding += 1
+        try:
+            self._queue.put_nowait((_REACTION, row))
+            return True
+        except queue.Full:
+            with self._cond:
+                self._outstanding -= 1
+                self.dropped += 1
+                self._cond.notify_all()
+            log.error("interaction log queue full; dropped reaction %s", row["id"])
+            return False
+
     def is_pending(self, interaction_id: str) -> bool:
+        """Queued in memory, neither written nor spooled yet."""
         return interaction_id in self._pending
 
+    def is_known(self, interaction_id: str) -> bool:
+        """Accepted and not yet in the database: queued in memory or held in the spool."""
+        spool = self._spool
+        return interaction_id in self._pending or (spool is not None and spool.holds(
+            interaction_id))
+
     def wait_written(self, interaction_id: str, timeout_s: float = 5.0) -> bool:
-        """Block until `interaction_id` is no longer queued; False on timeout."""
+        """Block until `interaction_id` is no longer queued in memory (written, or spooled
+        during an outage); False on timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: interaction_id not in self._pending, timeout_s)
 
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Block until everything submitted so far is written (or dropped); False on timeout."""
+        """Block until everything submitted so far is in the database (or failed or dropped),
+        spool included; False on timeout (e.g. while the database is still down)."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._pending, timeout_s)
+            return self._cond.wait_for(self._settled, timeout_s)
 
-    def stats(self) -> dict[str, int]:
-        return {"written": self.written, "dropped": self.dropped, "failed": self.failed,
-                "batches": self.batches, "queued": self._queue.qsize()}
+    def _settled(self) -> bool:
+        spool = self._spool
+        return self._outstanding == 0 and (spool is None or spool.rows == 0) and (
+            self._thread is None or self._spool_ready.is_set())
+
+    def stats(self) -> dict[str, Any]:
+        spool = self._spool
+        return {"written": self.written, "reactions_written": self.reactions_written,
+                "dropped": self.dropped, "failed": self.failed, "batches": self.batches,
+                "queued": self._queue.qsize(),
+                "spooled_rows": spool.rows if spool else 0,
+                "spooled_bytes": spool.bytes if spool else 0,
+                "spool_segments": len(spool.segments) if spool else 0,
+                "spooled_total": self.spooled_total, "replayed": self.replayed,
+                "outages": self.outages, "database_down": self._outage_since is not None}
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Flush everything queued, then stop the writer."""
+        """Write (or spool) everything queued, try the spool once more, then stop the writer;
+        what is still spooled stays on disk for the next start."""
         if self._thread is None:
             return
         self._queue.put(self._STOP)
@@ -116,28 +458,16 @@ class InteractionLog:
             log.error("interaction log did not flush within %.0f s", timeout_s)
         self._thread = None
 
+    # -- the writer thread --
     def _run(self) -> None:
+        self._open_spool()
         stopping = False
         while not stopping:
-            first = self._queue.get()
-            if first is self._STOP:
-                break
-            batch: list[dict[str, Any]] = [first]
-            # Linger up to flush_interval_s for more rows: under load a batch fills up and one
-            # statement carries many rows; when idle a row waits at most flush_interval_s.
-            deadline = time.monotonic() + self.flush_interval_s
-            while len(batch) < self.batch_size:
-                remaining = deadline - time.monotonic()
-                try:
-                    item = (self._queue.get(timeout=remaining) if remaining > 0
-                            else self._queue.get_nowait())
-                except queue.Empty:
-                    break
-                if item is self._STOP:
-                    stopping = True
-                    break
-                batch.append(item)
-            self._write(batch)
+            items, stopping = self._collect()
+            if items:
+                self._handle(items)
+            if self._spool_rows() and time.monotonic() >= self._retry_at:
+                self._retry()
         # Whatever is still queued after the stop marker (late mirror copies) is written too.
         rest = []
         while True:
@@ -148,61 +478,288 @@ class InteractionLog:
             if item is not self._STOP:
                 rest.append(item)
         for start in range(0, len(rest), self.batch_size):
-            self._write(rest[start:start + self.batch_size])
-
-    def _write(self, batch: list[dict[str, Any]]) -> None:
-        # A client retry with the same X-Request-Id lands on the same id: keep the last.
-        rows = list({row["id"]: row for row in batch}.values())
-        if not self._insert(rows) and len(rows) > 1:
-            # One unstorable row must not cost the whole batch: write the rows one by one.
-            for row in rows:
-                self._insert([row])
+            self._handle(rest[start:start + self.batch_size])
+        if self._spool_rows():
+            self._retry()
+        self._close_spool()
         with self._cond:
-            self._pending.difference_update(row["id"] for row in batch)
             self._cond.notify_all()
 
-    def _statement(self) -> Any:
-        """INSERT ... SELECT FROM jsonb_to_recordset(:rows) ON CONFLICT (id) DO UPDATE.
+    def _collect(self) -> tuple[list[Any], bool]:
+        """Up to batch_size items; ([], False) when it is time to retry the database."""
+        # While the spool holds rows, wake up for the next retry even if nothing arrives.
+        timeout = max(0.0, self._retry_at - time.monotonic()) if self._spool_rows() else None
+        try:
+            first = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return [], False
+        if first is self._STOP:
+            return [], True
+        items = [first]
+        # Linger up to flush_interval_s for more rows: under load a batch fills up and one
+        # statement carries many rows; when idle a row waits at most flush_interval_s.
+        deadline = time.monotonic() + self.flush_interval_s
+        while len(items) < self.batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                item = (self._queue.get(timeout=remaining) if remaining > 0
+                        else self._queue.get_nowait())
+            except queue.Empty:
+                break
+            if item is self._STOP:
+                return items, True
+            items.append(item)
+        return items, False
+
+    def _handle(self, items: list[tuple[str, dict[str, Any]]]) -> None:
+        batch = Batch(interactions=[row for kind, row in items if kind == _INTERACTION],
+                      reactions=[row for kind, row in items if kind == _REACTION])
+        try:
+            if self._spool_rows():
+                # An outage is on (or a replay is due): queue up behind the spool, in order —
+                # a reaction must not reach the database before its spooled interaction.
+                self._spool_batch(batch)
+                return
+            rest = self._store(batch)
+            if rest is None:
+                if self._outage_since is not None:  # back, and there was nothing to replay
+                    self._database_back()
+            else:
+                self._enter_outage()
+                self._spool_batch(rest)
+        except Exception:  # noqa: BLE001 - a bug here must not stop the writer
+            log.exception("interaction log: dropping a batch of %d rows", len(items))
+            with self._cond:
+                self.dropped += len(items)
+        finally:
+            with self._cond:
+                self._pending.difference_update(
+                    row["id"] for kind, row in items if kind == _INTERACTION)
+                self._outstanding -= len(items)
+                self._cond.notify_all()
+
+    # -- outage and spool --
+    def _open_spool(self) -> None:
+        try:
+            if self.spool_max_bytes > 0:
+                self._spool = Spool(self.spool_dir, self.spool_max_bytes,
+                                    self.spool_segment_bytes).open()
+        except OSError as exc:
+            log.error("interaction log: cannot use the spool in %s (%s); rows are dropped "
+                      "while the database is unreachable", self.spool_dir, exc)
+            self._spool = None
+        finally:
+            self._spool_ready.set()
+            with self._cond:
+                self._cond.notify_all()
+
+    def _close_spool(self) -> None:
+        spool = self._spool
+        if spool is None:
+            return
+        if spool.rows:
+            log.warning("interaction log: %d rows stay spooled in %s; the next start replays "
+                        "them", spool.rows, spool.dir)
+        spool.close()
+
+    def _spool_rows(self) -> int:
+        return self._spool.rows if self._spool is not None else 0
+
+    def _enter_outage(self) -> None:
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+            self.outages += 1
+            log.warning("interaction log: database unreachable; spooling rows to %s",
+                        self._spool.dir if self._spool else "(no spool: dropping)")
+        self._backoff_s = self.retry_initial_s
+        self._retry_at = now + self._backoff_s
+
+    def _spool_batch(self, batch: Batch) -> None:
+        spool = self._spool
+        if spool is None:
+            self._drop(batch, f"the database is unreachable and there is no spool "
+                       f"({SPOOL_CAP_SETTING}={self.spool_max_bytes}, or {self.spool_dir} "
+                       "unusable)")
+            return
+        try:
+            try:
+                stored = spool.append(batch)
+            except (TypeError, ValueError):  # a row that cannot be encoded fails alone
+                batch = self._encodable(batch)
+                stored = not batch or spool.append(batch)
+        except OSError as exc:
+            self._drop(batch, f"cannot write the spool in {spool.dir} ({exc})")
+            return
+        if not stored:
+            self._drop(batch, f"the spool in {spool.dir} is full ({spool.bytes} bytes, "
+                       f"{SPOOL_CAP_SETTING}={spool.max_bytes}) and the database is still "
+                       "unreachable")
+            return
+        self.spooled_total += len(batch)
+
+    def _drop(self, batch: Batch, reason: str) -> None:
+        with self._cond:
+            self.dropped += len(batch)
+        now = time.monotonic()
+        if now - self._drop_logged_at >= 10.0:  # one line per 10 s, not one per batch
+            self._drop_logged_at = now
+            log.error("interaction log: %s; dropping rows (%d dropped so far)", reason,
+                      self.dropped)
+
+    def _encodable(self, batch: Batch) -> Batch:
+        kept = Batch()
+        for kind, rows, target in ((_INTERACTION, batch.interactions, kept.interactions),
+                                   (_REACTION, batch.reactions, kept.reactions)):
+            for row in rows:
+                try:
+                    batch_json([row])
+                except (TypeError, ValueError) as exc:
+                    self._fail(kind, row, exc)
+                else:
+                    target.append(row)
+        return kept
+
+    def _retry(self) -> None:
+        """Replay the spool; on failure try again later (exponential backoff)."""
+        if self._replay():
+            self._database_back()
+            return
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            self.outages += 1
+        self._backoff_s = min(self._backoff_s * 2, self.retry_max_s)
+        self._retry_at = time.monotonic() + self._backoff_s
+
+    def _database_back(self) -> None:
+        if self._outage_since is not None:
+            log.warning("interaction log: database back after %.1f s (%d rows replayed from "
+                        "the spool so far)", time.monotonic() - self._outage_since,
+                        self.replayed)
+        self._outage_since = None
+        self._backoff_s = self.retry_initial_s
+
+    def _replay(self) -> bool:
+        """Replay the spool oldest line first; False when the database is unreachable."""
+        spool = self._spool
+        assert spool is not None
+        while spool.segments:
+            segment = spool.segments[0]
+            for end, line in spool.read(segment):
+                if line is not None:
+                    todo = line if self._replay_rest is None else self._replay_rest
+                    rest = self._store(todo)
+                    if rest is not None:
+                        self._replay_rest = rest  # the rows of this line not yet committed
+                        return False
+                    self._replay_rest = None
+                    self.replayed += len(line)
+                spool.replayed(segment, end, line)
+                with self._cond:
+                    self._cond.notify_all()
+            spool.remove(segment)  # every line committed
+        with self._cond:
+            self._cond.notify_all()
+        return True
+
+    # -- the database --
+    def _store(self, batch: Batch) -> Batch | None:
+        """Write a batch; None when done (rejected rows counted as failed), else the rows not
+        yet committed because the database is unreachable."""
+        rest = self._insert_all(_INTERACTION, batch.interactions)
+        if rest is not None:
+            return Batch(interactions=rest, reactions=batch.reactions)
+        rest = self._insert_all(_REACTION, batch.reactions)
+        if rest is not None:
+            return Batch(reactions=rest)
+        return None
+
+    def _insert_all(self, kind: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        if not rows:
+            return None
+        if kind == _INTERACTION:
+            # A client retry with the same X-Request-Id lands on the same id: keep the last.
+            rows = list({row["id"]: row for row in rows}.values())
+        else:
+            # DO NOTHING: the first reaction with an id is the one that counts.
+            rows = list({row["id"]: row for row in reversed(rows)}.values())[::-1]
+        try:
+            self._insert(kind, rows)
+            return None
+        except _Unavailable:
+            return rows
+        except Exception as exc:  # noqa: BLE001 - data errors do not heal on retry
+            if len(rows) == 1:
+                self._fail(kind, rows[0], exc)
+                return None
+        # One unstorable row must not cost the whole batch: write the rows one by one.
+        for index, row in enumerate(rows):
+            try:
+                self._insert(kind, [row])
+            except _Unavailable:
+                return rows[index:]
+            except Exception as exc:  # noqa: BLE001 - this row's data
+                self._fail(kind, row, exc)
+        return None
+
+    def _insert(self, kind: str, rows: list[dict[str, Any]]) -> None:
+        from sqlalchemy.exc import (
+            DBAPIError,
+            DisconnectionError,
+            InterfaceError,
+            OperationalError,
+        )
+        from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(self._statement(kind), {"rows": batch_json(rows)})
+        except (OperationalError, InterfaceError, DisconnectionError, PoolTimeout) as exc:
+            raise _Unavailable(str(exc).splitlines()[0]) from exc
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise _Unavailable(str(exc).splitlines()[0]) from exc
+            raise
+        self.batches += 1
+        if kind == _INTERACTION:
+            self.written += len(rows)
+        else:
+            self.reactions_written += len(rows)
+
+    def _fail(self, kind: str, row: dict[str, Any], error: Exception) -> None:
+        with self._cond:
+            self.failed += 1
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        log.error("interaction log: dropping %s %s: %s", kind, row.get("id"), message)
+
+    def _statement(self, kind: str) -> Any:
+        """INSERT ... SELECT FROM jsonb_to_recordset(:rows) ON CONFLICT (id): DO UPDATE for
+        interactions (a replay or a client retry lands on the same row), DO NOTHING for
+        reactions (the first one with an id stands, as in the reactions API).
 
         The whole batch travels as one JSON document (one C-speed json.dumps here, parsed by
         PostgreSQL) in one constant statement, where the generic `upsert` helper compiles a new
         multi-VALUES statement per batch and an executemany runs one INSERT per row.
         """
-        if self._insert_stmt is None:
+        statement = self._statements.get(kind)
+        if statement is None:
             from sqlalchemy import text
 
-            columns = ", ".join(_ROW_KEYS)
-            record = ", ".join(f"{key} {_SQL_TYPES[key]}" for key in _ROW_KEYS)
-            updates = ", ".join(f"{key} = EXCLUDED.{key}" for key in _ROW_KEYS if key != "id")
-            self._insert_stmt = text(
-                f"INSERT INTO interactions ({columns}) SELECT {columns} "
+            table, keys, types = (("interactions", _ROW_KEYS, _SQL_TYPES) if kind == _INTERACTION
+                                  else ("reactions", _REACTION_KEYS, _REACTION_SQL_TYPES))
+            columns = ", ".join(keys)
+            record = ", ".join(f"{key} {types[key]}" for key in keys)
+            if kind == _INTERACTION:
+                updates = ", ".join(f"{key} = EXCLUDED.{key}" for key in keys if key != "id")
+                conflict = f"DO UPDATE SET {updates}"
+            else:
+                conflict = "DO NOTHING"
+            statement = text(
+                f"INSERT INTO {table} ({columns}) SELECT {columns} "
                 f"FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS u({record}) "
-                f"ON CONFLICT (id) DO UPDATE SET {updates}")
-        return self._insert_stmt
-
-    def _insert(self, rows: list[dict[str, Any]], attempts: int = 3) -> bool:
-        from sqlalchemy.exc import InterfaceError, OperationalError
-
-        for attempt in range(attempts):
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(self._statement(), {"rows": batch_json(rows)})
-                self.written += len(rows)
-                self.batches += 1
-                return True
-            except (OperationalError, InterfaceError) as exc:  # the database went away: retry
-                if attempt + 1 == attempts:
-                    error: Exception = exc
-                    break
-                time.sleep(0.2 * (attempt + 1))
-            except Exception as exc:  # noqa: BLE001 - data errors do not heal on retry
-                error = exc
-                break
-        if len(rows) == 1:
-            self.failed += 1
-            log.error("interaction log: dropping interaction %s: %s", rows[0]["id"],
-                      str(error).splitlines()[0])
-        return False
+                f"ON CONFLICT (id) {conflict}")
+            self._statements[kind] = statement
+        return statement
 
 
 def _clean_text(value: str) -> str:

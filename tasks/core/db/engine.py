@@ -1,19 +1,23 @@
 """Database engine, sessions, migrations and the upsert helper every stage writes through.
 
 DATABASE_URL set → that PostgreSQL. Unset → an embedded PostgreSQL 16 (pgserver) under
-`<data_dir>/pgdata`, started once and reused across runs and processes.
+`<data_dir>/pgdata`, started once and reused across runs and processes. Every engine gives up
+connecting after `db_connect_timeout_s` and has the server cancel any statement running longer
+than `db_statement_timeout_s` (migrations are exempt), so an unreachable or stuck database fails
+fast with an error instead of hanging a task or the router's writer.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -56,10 +60,63 @@ def resolve_database_url(settings: Settings | None = None) -> str:
     return embedded_database_url(settings.data_dir)
 
 
-@functools.lru_cache(maxsize=8)
 def engine_for(url: str) -> Engine:
-    """One pooled engine per database URL (cached, so every caller shares the pool)."""
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, future=True)
+    """One pooled engine per database URL (cached, so every caller shares the pool), with the
+    connect and statement timeouts of the current settings."""
+    settings = get_settings()
+    return _pooled_engine(url, settings.db_connect_timeout_s, settings.db_statement_timeout_s)
+
+
+# Keyed on plain values, not on Settings (unhashable): the same URL under the same timeouts is the
+# same engine; a test that changes a timeout gets its own.
+@functools.lru_cache(maxsize=8)
+def _pooled_engine(url: str, connect_timeout_s: float, statement_timeout_s: float) -> Engine:
+    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, future=True,
+                           connect_args=timeout_connect_args(url, connect_timeout_s,
+                                                             statement_timeout_s))
+    if statement_timeout_s > 0:
+        _explain_statement_timeouts(engine, statement_timeout_s)
+    return engine
+
+
+def timeout_connect_args(url: str, connect_timeout_s: float,
+                         statement_timeout_s: float) -> dict[str, Any]:
+    """libpq connection parameters for the two timeouts (0 or less: none). A value the URL sets
+    itself wins; pgserver's socket URLs (`?host=/path`) keep their query untouched."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql" or parsed.get_driver_name() not in (
+            "psycopg2", "psycopg"):
+        return {}
+    args: dict[str, Any] = {}
+    if connect_timeout_s > 0 and "connect_timeout" not in parsed.query:
+        # libpq takes whole seconds (and treats 1 as 2): round up, never down to "forever".
+        args["connect_timeout"] = max(1, math.ceil(connect_timeout_s))
+    if statement_timeout_s > 0:
+        options = parsed.query.get("options", "")
+        options = " ".join(options) if isinstance(options, tuple) else options
+        if "statement_timeout" not in options:
+            millis = max(1, round(statement_timeout_s * 1000))
+            # connect_args replace the URL's own `options`, so those are carried over.
+            args["options"] = f"{options} -c statement_timeout={millis}".strip()
+    return args
+
+
+def _explain_statement_timeouts(engine: Engine, statement_timeout_s: float) -> None:
+    """Say which setting cancelled a statement: PostgreSQL's own message names no knob."""
+
+    @event.listens_for(engine, "handle_error")
+    def _note(context: Any) -> None:
+        original = context.original_exception
+        sqlstate = getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
+        if sqlstate != "57014":  # query_canceled (psycopg names it sqlstate, psycopg2 pgcode)
+            return
+        if "statement timeout" not in str(original):
+            return
+        if context.sqlalchemy_exception is not None:
+            context.sqlalchemy_exception.add_note(
+                f"the statement ran longer than TUNELOOP_DB_STATEMENT_TIMEOUT_S="
+                f"{statement_timeout_s:g} s; raise it (0 disables) or make the statement "
+                "cheaper; migrations are exempt")
 
 
 def get_engine(settings: Settings | None = None) -> Engine:
@@ -97,6 +154,9 @@ def migrate(engine: Engine | None = None, revision: str = "head") -> None:
     engine = engine or get_engine()
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
+        # A migration may legitimately run long (an index build, waiting for another migrator's
+        # lock): the engine's statement_timeout does not apply inside its transaction.
+        conn.execute(text("SET LOCAL statement_timeout = 0"))
         # Serialise concurrent migrators (demo + Airflow init + tests) on one advisory lock.
         conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
         cfg.attributes["connection"] = conn
@@ -108,6 +168,7 @@ def downgrade(engine: Engine, revision: str = "base") -> None:
 
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
+        conn.execute(text("SET LOCAL statement_timeout = 0"))  # as in migrate()
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)
 
