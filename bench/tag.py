@@ -178,9 +178,9 @@ def throughput(args: argparse.Namespace) -> None:
         if counts["failed"] or stored != requests:
             print(f"WARNING: failed={counts['failed']} stored={stored}")
     finally:
-        from tasks.core.db.engine import _engine_for
+        from tasks.core.db.engine import engine_for
 
-        _engine_for(url).dispose()
+        engine_for(url).dispose()
         drop_database(name)
 
 
