@@ -6,6 +6,9 @@ champion: MLflow version numbers are integers, so a brand-new registry gets a re
 artifact is a small `base/base_model.json` marker (no adapter) tagged `is_base=true`;
 `ensure_champion` registers it once and points `champion` at it, and consumers call
 `materialize_adapter`, which returns None for such a version ("serve the base model alone").
+Every version created here is signed (`tuneloop.signature`, an HMAC with
+`settings.registry_signing_key` over its source, run id and registration tags: see
+`tasks.core.signing`); the router serves no other.
 Logging the run is `runs`, adapter staging and base-model paths are `adapters`, the client and
 tag keys are `tracking`; the names other stages import are re-exported here.
 """
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.settings import DEFAULT_LOCAL_MODEL, get_settings
+from tasks.core.signing import SIGNATURE_TAG, sign_tags, verify_version
 from tasks.register.runs import load_dataset_ref as load_dataset_ref
 from tasks.register.runs import log_run_artifact as log_run_artifact
 from tasks.register.runs import log_run_metrics as log_run_metrics
@@ -76,6 +80,21 @@ def _versions_for_run(client, name: str, run_id: str) -> list[Any]:
     return sorted(found, key=lambda mv: int(mv.version))
 
 
+def _signing_key() -> str:
+    return get_settings().registry_signing_key.get_secret_value()
+
+
+def _sign(client, name: str, version: Any, tags: Mapping[str, str]) -> str:
+    """Tag `version` with the signature of its real source, run id and `tags` (its tags as
+    registered); the router serves only versions whose signature verifies (`tasks.core.signing`).
+    """
+    signature = sign_tags(_signing_key(), tags, name=name, source=version.source,
+                          run_id=version.run_id)
+    if tags.get(SIGNATURE_TAG) != signature:
+        client.set_model_version_tag(name, version.version, SIGNATURE_TAG, signature)
+    return signature
+
+
 def register_version(
     run_id: str,
     *,
@@ -83,10 +102,11 @@ def register_version(
     tags: Mapping[str, Any] | None = None,
     alias: str = CHALLENGER,
 ) -> dict[str, Any]:
-    """Register the run's adapter as a model version, tag it, point `alias` at it.
+    """Register the run's adapter as a model version, tag and sign it, point `alias` at it.
 
-    Idempotent: a run already registered returns its existing version (the alias is re-set).
-    The caller's `tags` are de-identified like the run's (`tracking.deid_tags`).
+    Idempotent: a run already registered returns its existing version (its registration tags
+    re-asserted from the run, re-signed, the alias re-set). The caller's `tags` are
+    de-identified like the run's (`tracking.deid_tags`).
     Returns {"version", "model_name", "alias", "run_id", "created"}.
     """
     from mlflow.exceptions import MlflowException
@@ -107,33 +127,42 @@ def register_version(
             "log_training_run before registering", run_id=run_id, model_name=name,
         )
     _ensure_registered_model(client, name)
-    existing = _versions_for_run(client, name, run_id)
+    source = f"{run.info.artifact_uri.rstrip('/')}/{ADAPTER_ARTIFACT_PATH}"
+    run_tags = run.data.tags
+    version_tags = {
+        "dataset_id": run_tags.get(TAG_DATASET_ID, "unknown"),
+        "dataset_hash": run_tags.get(TAG_DATASET_HASH, ""),
+        "gate_passed": run_tags.get(TAG_GATE_PASSED, "unknown"),
+        "gate_result": run_tags.get(TAG_GATE_RESULT, "{}"),
+        "base_model": run_tags.get(TAG_BASE_MODEL, "unknown"),
+        "git_sha": run_tags.get(TAG_GIT_SHA) or git_sha(),
+        TAG_IS_BASE: "false",
+        TAG_RUN_ID: run_id,
+    }
+    version_tags.update(deid_tags(tags or {}))
+    version_tags.pop(SIGNATURE_TAG, None)  # only _sign writes it
+    # A version someone else made for this run, with another source, is not ours to sign.
+    existing = [mv for mv in _versions_for_run(client, name, run_id) if mv.source == source]
     created = False
     if existing:
+        # Re-registering re-asserts the registration tags from the run (an edit made since is
+        # undone) and signs again: also how a version registered before signing becomes
+        # servable (`register_version(run_id, alias="")`).
         version = existing[0]
+        current = dict(version.tags or {})
+        for key, value in version_tags.items():
+            if current.get(key) != value:
+                client.set_model_version_tag(name, version.version, key, value)
+        signed_tags = {**current, **version_tags}
     else:
-        run_tags = run.data.tags
-        version_tags = {
-            "dataset_id": run_tags.get(TAG_DATASET_ID, "unknown"),
-            "dataset_hash": run_tags.get(TAG_DATASET_HASH, ""),
-            "gate_passed": run_tags.get(TAG_GATE_PASSED, "unknown"),
-            "gate_result": run_tags.get(TAG_GATE_RESULT, "{}"),
-            "base_model": run_tags.get(TAG_BASE_MODEL, "unknown"),
-            "git_sha": run_tags.get(TAG_GIT_SHA) or git_sha(),
-            TAG_IS_BASE: "false",
-            TAG_RUN_ID: run_id,
-        }
-        version_tags.update(deid_tags(tags or {}))
-        source = f"{run.info.artifact_uri.rstrip('/')}/{ADAPTER_ARTIFACT_PATH}"
         version = client.create_model_version(
             name, source=source, run_id=run_id, tags=version_tags,
             description=f"LoRA adapter on {version_tags['base_model']} "
                         f"(dataset {version_tags['dataset_id']})",
         )
         created = True
-    if tags and not created:
-        for key, value in deid_tags(tags).items():
-            client.set_model_version_tag(name, version.version, key, value)
+        signed_tags = version_tags
+    _sign(client, name, version, signed_tags)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     log.info("%s version %s of %s (run %s) alias=%s",
@@ -161,9 +190,12 @@ def ensure_champion(model_name: str | None = None, *, base_model: str | None = N
         return {"version": current, "model_name": name, "alias": CHAMPION,
                 "is_base": mv.tags.get(TAG_IS_BASE) == "true", "created": False}
     base_name = base_model or DEFAULT_LOCAL_MODEL
+    # Only a signed base version is reused: one anybody registered with is_base=true is not.
     base_versions = [
         mv for mv in client.search_model_versions(f"name = '{name}'")
         if mv.tags.get(TAG_IS_BASE) == "true" and mv.tags.get("base_model") == base_name
+        and verify_version(_signing_key(), mv.tags, name=name, source=mv.source,
+                           run_id=mv.run_id) is None
     ]
     created = False
     if base_versions:
@@ -179,13 +211,14 @@ def ensure_champion(model_name: str | None = None, *, base_model: str | None = N
             marker.write_text(json.dumps({"base_model": base_name, "adapter": None}))
             client.log_artifact(run.info.run_id, str(marker), BASE_ARTIFACT_PATH)
         client.set_terminated(run.info.run_id, status="FINISHED")
+        base_tags = {TAG_IS_BASE: "true", "base_model": base_name, "dataset_id": "none",
+                     "git_sha": git_sha(), TAG_RUN_ID: run.info.run_id}
         version = client.create_model_version(
             name, source=f"{run.info.artifact_uri.rstrip('/')}/{BASE_ARTIFACT_PATH}",
-            run_id=run.info.run_id,
-            tags={TAG_IS_BASE: "true", "base_model": base_name, "dataset_id": "none",
-                  "git_sha": git_sha(), TAG_RUN_ID: run.info.run_id},
+            run_id=run.info.run_id, tags=base_tags,
             description=f"base model {base_name} without an adapter",
         )
+        _sign(client, name, version, base_tags)
         created = True
     client.set_registered_model_alias(name, CHAMPION, version.version)
     return {"version": str(version.version), "model_name": name, "alias": CHAMPION,

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tasks.core.mlflow_client import make_client
 from tasks.core.paths import REPO_ROOT
 from tasks.core.settings import get_settings
 from tasks.datasets import deid
@@ -74,15 +75,15 @@ def _is_local_store(uri: str) -> bool:
 
 
 def get_client():  # -> mlflow.MlflowClient
-    """An MlflowClient on the configured store; also points the fluent API at it."""
+    """An MlflowClient on the configured store (HTTP timeouts and retries from the settings,
+    `tasks.core.mlflow_client`); also points the fluent API at it."""
     import mlflow
 
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    client = make_client(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return client
 
 
 def slug(value: str) -> str:

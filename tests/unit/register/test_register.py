@@ -206,6 +206,17 @@ def test_register_version_tags_lineage_and_sets_challenger(registered, run_id):
     assert tags["git_sha"] == (head.stdout.strip() if head.returncode == 0 else "unknown")
 
 
+def test_a_logged_and_registered_training_run_is_servable(registered, store):
+    """log_training_run's lineage + register_version's tags and signature: what the router
+    (serving.routing) requires before it serves a version."""
+    from tasks.core.signing import verify_version
+    from tasks.register.registry import get_version_info
+
+    info = get_version_info(registered["version"])
+    assert verify_version(store.registry_signing_key, info["tags"], name=info["model_name"],
+                          source=info["source"], run_id=info["run_id"]) is None
+
+
 def test_registering_the_same_run_twice_returns_the_existing_version(registered, run_id):
     from tasks.register.registry import register_version
     from tasks.register.tracking import get_client
