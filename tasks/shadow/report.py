@@ -29,12 +29,9 @@ REPORT_EXPERIMENT = "shadow-reports"
 
 
 def mlflow_client(tracking_uri: str | None = None) -> Any:
-    from mlflow import MlflowClient
+    from tasks.core.mlflow_client import make_client
 
-    uri = tracking_uri or get_settings().resolved_mlflow_tracking_uri
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return make_client(tracking_uri)  # with the MLflow HTTP timeouts and retries set
 
 
 def _charts(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
