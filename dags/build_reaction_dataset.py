@@ -6,11 +6,17 @@ positive = `done` with dwell 15 s–2 min, negative = `dismiss` under 5 s (windo
 Positives become SFT rows; chosen/rejected pairs for the same (or embedding-near) context become
 DPO pairs. Everything exported is de-identified (salted user hashes, PII scrubbed).
 
+* Only answers users were shown count (champion/challenger, status ok; never mirror copies,
+  erased or retention-purged interactions), and an example whose chat history holds an assistant
+  turn the router did not serve to that user is dropped (`unverified_history`): a client cannot
+  write "assistant" words itself and get them trained on. Each user contributes at most
+  `max_examples_per_user` examples (`capped_per_user`).
+
 * Below the minimum signal counts (500 positive / 500 negative by default) the build refuses with
   the counts, and downstream training is skipped.
 * Emits `tuneloop://datasets/curated` (extra: dataset_id) when a dataset was built and gated.
 
-Logic: `tasks/signals/stage.py`, `tasks/datasets/deid.py`.
+Logic: `tasks/signals/stage.py`, `tasks/signals/labels.py`, `tasks/datasets/deid/`.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ BUILT_TASK_ID = "enough_signals"
                               description="numbered placeholders consistent within a "
                                           "conversation (<PERSON_1>, <EMAIL_1>) instead of "
                                           "typed ones (<PERSON>)"),
+        "max_examples_per_user": Param(50, type="integer", minimum=0,
+                                       description="at most this many examples from one "
+                                                   "(hashed) user; 0 = no cap"),
     }),
 )
 def build_reaction_dataset():

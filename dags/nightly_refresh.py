@@ -7,8 +7,12 @@ dataset and retrains **only** when the minimum new-signal count (Params `min_new
 otherwise it skips with one clear log line saying which threshold was not met and the counts.
 It always refreshes the shadow comparison so the report reflects the latest reactions.
 
+Before counting, `purge_expired_text` wipes the text (prompts, answers, context) of interactions
+older than TUNELOOP_RETENTION_DAYS (`tuneloop retention`); with that setting unset it logs that
+text is kept and does nothing. Purged or erased interactions are never signals.
+
 Retraining is data-aware: publishing the new dataset asset schedules **train_and_register**.
-Logic: `tasks/signals/stage.py`, `tasks/shadow/stage.py`.
+Logic: `tasks/signals/stage.py`, `tasks/signals/erasure.py`, `tasks/shadow/stage.py`.
 """
 
 from __future__ import annotations
@@ -53,6 +57,12 @@ def nightly_refresh():
         return compare_and_report(deployment_id=None)
 
     @task
+    def purge_expired_text() -> dict:
+        from tasks.signals.erasure import nightly_retention
+
+        return nightly_retention()
+
+    @task
     def count_signals(params: dict | None = None) -> dict:
         from tasks.signals.stage import nightly_decision
 
@@ -84,6 +94,7 @@ def nightly_refresh():
 
     refresh_comparison()
     decision = count_signals()
+    purge_expired_text() >> decision  # purged text is never counted nor built
     built = build()
     enough_new_signals(decision) >> built
     gate_passed(built) >> publish(built)

@@ -1,5 +1,8 @@
 """`tuneloop tag | curate | build-reaction-dataset` (and `scrub`, tasks.cli.scrub): the data stages, with their DAGs' Params as
-flags (same names, same defaults) and the same config classes (`from_params`) the DAGs build."""
+flags (same names, same defaults) and the same config classes (`from_params`) the DAGs build;
+`tuneloop forget | retention`: erasure of one end user and the retention purge
+(tasks.signals.erasure; the nightly_refresh DAG runs the purge when TUNELOOP_RETENTION_DAYS is
+set)."""
 
 from __future__ import annotations
 
@@ -11,13 +14,16 @@ from tasks.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_SKIPPED,
+    UsageError,
     add_command,
     build_config,
     csv_list,
     emit,
     flag,
     params_of,
+    positive_int,
     refusals,
+    say,
 )
 
 log = logging.getLogger(__name__)
@@ -81,6 +87,44 @@ def _build_reaction_dataset(args: argparse.Namespace) -> int:
         log.error("gate failed for dataset %s: %s", result.get("dataset_id"),
                   ", ".join(result.get("failed_expectations") or []))
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from tasks.signals.erasure import ErasureError, forget_user, forget_user_hash
+
+    try:
+        if args.user_hash is not None:
+            result = forget_user_hash(args.user_hash)
+        else:
+            result = forget_user(args.user)
+    except ErasureError as exc:  # a bad --user / --user-hash value
+        raise UsageError(str(exc)) from None
+    snapshots = result["snapshots"]
+    say(f"user {result['user_hash'][:12]}…: {result['reactions_deleted']} reactions deleted, "
+        f"{result['interactions_erased']} interactions wiped; their interactions are in "
+        f"{len(snapshots)} existing dataset snapshot(s)"
+        + (" (retire or rebuild them):" if snapshots else ""))
+    for snapshot in snapshots:
+        say(f"  {snapshot['dataset_id']}  {snapshot['name']} ({snapshot['kind']}, "
+            f"{snapshot['items']} items of theirs)  {snapshot['artifact_uri']}")
+    emit(result)
+    return EXIT_OK
+
+
+def _retention(args: argparse.Namespace) -> int:
+    from tasks.core.settings import get_settings
+    from tasks.signals.erasure import ErasureError, purge_expired_text
+
+    days = args.days if args.days is not None else get_settings().retention_days
+    if days is None:
+        raise UsageError("no retention period: pass --days N (e.g. --days 90) or set "
+                         "TUNELOOP_RETENTION_DAYS")
+    try:
+        result = purge_expired_text(days)
+    except ErasureError as exc:  # TUNELOOP_RETENTION_DAYS below 1
+        raise UsageError(str(exc)) from None
+    emit(result)
     return EXIT_OK
 
 
@@ -148,6 +192,32 @@ def _signals_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     flag(build, "--pseudonymize", action=argparse.BooleanOptionalAction, default=False,
          help="numbered placeholders consistent within a conversation (<PERSON_1>) instead of "
               "typed ones (<PERSON>)")
+    flag(build, "--max-examples-per-user", type=int, default=50,
+         help="at most this many examples from one (hashed) user; 0 = no cap")
+
+
+def _erasure_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    forget = add_command(
+        sub, "forget", _forget, parents=parents,
+        summary="erase one end user: delete their reactions, wipe their interactions' text and "
+                "list the existing dataset snapshots that hold them",
+        examples=["tuneloop forget --user alice@example.com",
+                  "tuneloop forget --user-hash 3f2a...c9e1  # 64 hex characters"])
+    forget.epilog += (
+        "\n\nThe id is hashed with TUNELOOP_USER_HASH_SALT, as the router does. The rows stay "
+        "(existing snapshots keep their references); future reaction datasets leave the user "
+        "out. Running it again is harmless: it reports 0 new rows and the same snapshots.")
+    who = forget.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", metavar="ID", help="the user id the client sent the router")
+    who.add_argument("--user-hash", metavar="HEX",
+                     help="the router's hash of the user id (interactions.user_hash)")
+    retention = add_command(
+        sub, "retention", _retention, parents=parents,
+        mirrors="the nightly_refresh DAG's purge_expired_text task",
+        summary="wipe the text (prompts, answers, context) of interactions older than N days",
+        examples=["tuneloop retention", "tuneloop retention --days 90"])
+    retention.add_argument("--days", type=positive_int, default=None,
+                           help="keep this many days of text (default: TUNELOOP_RETENTION_DAYS)")
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -156,4 +226,5 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     _tag_parser(sub, parents)
     _curate_parser(sub, parents)
     _signals_parser(sub, parents)
+    _erasure_parser(sub, parents)
     scrub.register(sub, parents)

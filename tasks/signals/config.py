@@ -39,6 +39,10 @@ class SignalConfig(BaseModel):
     # Numbered placeholders (<PERSON_1>, <EMAIL_1>) consistent within an interaction instead of
     # plain typed ones: who said what stays readable, nobody is identified.
     pseudonymize: bool = False
+    # At most this many examples (SFT rows and DPO sides together) from one hashed user per
+    # dataset, so one prolific (or hostile) user cannot steer the model; 0 = no cap. Which of a
+    # user's examples stay is a stable hash order of their interaction ids.
+    max_examples_per_user: int = 50
 
     @field_validator("since_dataset_id", "model_name", mode="before")
     @classmethod
@@ -50,6 +54,14 @@ class SignalConfig(BaseModel):
     @classmethod
     def _non_negative(cls, value: int, info: Any) -> int:
         return at_least(value, 0, info.field_name, field_default(cls, info.field_name))
+
+    @field_validator("max_examples_per_user")
+    @classmethod
+    def _per_user_cap(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"max_examples_per_user must be >= 0 (got {value}); set "
+                             "max_examples_per_user: 50 to cap each user, or 0 for no cap")
+        return value
 
     @field_validator("pair_similarity")
     @classmethod

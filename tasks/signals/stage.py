@@ -17,6 +17,22 @@ nightly retrain its skip decision without building anything.
 Privacy (seed 004): user ids are HMAC-hashed with the secret salt, and every exported text and
 artifact is scrubbed by `tasks.datasets.deid` (emails, phones, secret URLs, tokens, names from known
 context fields). The written snapshot is scanned for PII before it is published.
+
+Security (#15):
+- only interactions the router served and the user saw are signals: variant champion or
+  challenger, status ok; mirror copies, failed requests, interactions whose text was purged
+  (retention) or erased (`tuneloop forget`), and anything an erased user sent before their erasure
+  was requested are never read as signals (counted as ``reactions_not_served`` /
+  ``reactions_text_purged`` / ``reactions_erased``);
+- **no forged feedback**: a client sends the whole chat history, so it could write "assistant"
+  turns itself and react ``done`` to have its own words trained on. Every message of a request
+  whose role is not one a client authors (system, developer, user, tool, function) must be an
+  answer the router itself served earlier to the same user (and the same API client, when the
+  interaction names one): same md5 of the raw content as the indexed `response_md5` of a served
+  champion/challenger row with status ok. An example with any other assistant turn is dropped
+  (``unverified_history``). Anonymous users have a random hash per request, so only their
+  single-turn examples can be signals;
+- each hashed user contributes at most `max_examples_per_user` examples (``capped_per_user``).
 """
 
 from __future__ import annotations
@@ -24,7 +40,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -32,7 +48,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from tasks.core.db.engine import session_scope
-from tasks.core.db.models import Dataset, DatasetItem, Interaction, Reaction
+from tasks.core.db.models import Dataset, Interaction, Reaction
 from tasks.core.ids import canonical_json, content_hash, stable_id
 from tasks.datasets import deid
 from tasks.datasets.export import (
@@ -52,13 +68,29 @@ from tasks.datasets.export import (
     write_stat_plots,
 )
 from tasks.signals.config import SignalConfig, SignalConfigError
+from tasks.signals.labels import (
+    CLIENT_ROLES,
+    QUERY_CHUNK,
+    SERVED_VARIANTS,
+    Label,
+    Labels,
+    classify_reaction,
+    label_interactions,
+    over_user_cap,
+    unverified_history,
+)
 
-__all__ = ["SignalConfig", "SignalConfigError"]  # re-exported: the DAG and CLI import them here
+# Re-exported: the DAGs, the CLI and the tests import them here.
+__all__ = ["SERVED_VARIANTS", "Labels", "SignalConfig", "SignalConfigError", "classify_reaction",
+           "label_interactions", "over_user_cap", "unverified_history"]
 
 log = logging.getLogger(__name__)
 
 DATASET_KIND = "reaction"
-Label = Literal["positive", "negative"]
+# Context keys the router records for routing, never exported: `bucket` is a function of the
+# user hash (it would link one user's examples across snapshots, and kept two users' identical
+# prompts from ever being the "same context"; its 0.dddddd digits also read as a phone number).
+ROUTING_ONLY_CONTEXT = frozenset({"bucket"})
 
 
 class InsufficientSignals(RuntimeError):
@@ -87,74 +119,6 @@ class InsufficientSignals(RuntimeError):
         return {"positive": self.positive, "negative": self.negative,
                 "conflicting": self.conflicting, "min_positive": self.min_positive,
                 "min_negative": self.min_negative}
-
-
-def classify_reaction(reaction: str, dwell_ms: int, cfg: SignalConfig) -> Label | None:
-    """positive / negative / None for one reaction (the seed's windows, configurable)."""
-    if reaction == cfg.positive_reaction and cfg.done_min_ms <= dwell_ms <= cfg.done_max_ms:
-        return "positive"
-    if reaction == cfg.negative_reaction and dwell_ms < cfg.dismiss_max_ms:
-        return "negative"
-    return None
-
-
-# ---- labelling ---------------------------------------------------------------------------------
-@dataclass
-class Labels:
-    """Interaction ids per label, plus what was left out."""
-
-    positive: list[str] = field(default_factory=list)
-    negative: list[str] = field(default_factory=list)
-    conflicting: list[str] = field(default_factory=list)
-    reactions_seen: int = 0
-    outside_windows: int = 0
-    dwell: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
-
-    def counts(self) -> dict[str, int]:
-        return {"positive": len(self.positive), "negative": len(self.negative),
-                "conflicting": len(self.conflicting), "reactions": self.reactions_seen,
-                "reactions_outside_windows": self.outside_windows}
-
-
-def _dataset_interactions(session: Session, dataset_id: str) -> set[str]:
-    if session.get(Dataset, dataset_id) is None:
-        raise SignalConfigError(f"since_dataset_id {dataset_id!r} is not a dataset; use an id "
-                                "from the datasets table or leave it empty for all signals")
-    stmt = select(DatasetItem.interaction_id).where(DatasetItem.dataset_id == dataset_id,
-                                                    DatasetItem.interaction_id.is_not(None))
-    return set(session.scalars(stmt))
-
-
-def label_interactions(session: Session, cfg: SignalConfig,
-                       since_dataset_id: str | None = None) -> Labels:
-    """Classify every interaction with a positive/negative-type reaction."""
-    stmt = (select(Reaction.interaction_id, Reaction.reaction, Reaction.dwell_ms)
-            .where(Reaction.reaction.in_([cfg.positive_reaction, cfg.negative_reaction])))
-    if cfg.model_name:
-        stmt = stmt.join(Interaction, Interaction.id == Reaction.interaction_id).where(
-            Interaction.model_name == cfg.model_name)
-    seen = _dataset_interactions(session, since_dataset_id) if since_dataset_id else set()
-    per_interaction: dict[str, set[str]] = defaultdict(set)
-    labels = Labels()
-    for interaction_id, reaction, dwell_ms in session.execute(stmt):
-        if interaction_id in seen:
-            continue
-        labels.reactions_seen += 1
-        labels.dwell[reaction].append(int(dwell_ms))
-        label = classify_reaction(reaction, int(dwell_ms), cfg)
-        if label is not None:
-            per_interaction[interaction_id].add(label)
-        else:
-            labels.outside_windows += 1
-    for interaction_id in sorted(per_interaction):
-        found = per_interaction[interaction_id]
-        if len(found) > 1:
-            labels.conflicting.append(interaction_id)
-        elif "positive" in found:
-            labels.positive.append(interaction_id)
-        else:
-            labels.negative.append(interaction_id)
-    return labels
 
 
 def _latest_reaction_dataset(session: Session) -> str | None:
@@ -240,7 +204,7 @@ class Signal:
 
 def _prompt_messages(interaction: Interaction, context: dict[str, Any], names: set[str],
                      pseudonyms: deid.Pseudonyms | None = None) -> list[dict[str, str]]:
-    messages = [{"role": str(m.get("role", "user")),
+    messages = [{"role": _role(m.get("role")),
                  "content": deid.scrub_text(str(m.get("content", "")), names,
                                             pseudonyms=pseudonyms)}
                 for m in (interaction.request_messages or []) if isinstance(m, dict)]
@@ -248,6 +212,13 @@ def _prompt_messages(interaction: Interaction, context: dict[str, Any], names: s
         # No recorded prompt: the context is what the model answered to (seed: context_json).
         messages.append({"role": "user", "content": canonical_json(context)})
     return messages
+
+
+def _role(role: Any) -> str:
+    """A client role as such; any other role was verified as a served answer (the examples
+    with one that was not are dropped), so it is exported as what it is: the assistant's."""
+    name = str(role or "user").strip().lower()
+    return name if name in CLIENT_ROLES else "assistant"
 
 
 def _context_key(prompt: list[dict[str, str]], context: dict[str, Any]) -> str:
@@ -263,17 +234,18 @@ def load_signals(session: Session, labels: Labels, *, pseudonymize: bool = False
               **{i: "negative" for i in labels.negative}}
     dwell: dict[str, list[int]] = defaultdict(list)
     ids = sorted(wanted)
-    for start in range(0, len(ids), 5000):
-        chunk = ids[start:start + 5000]
+    for start in range(0, len(ids), QUERY_CHUNK):
+        chunk = ids[start:start + QUERY_CHUNK]
         for interaction_id, dwell_ms in session.execute(
                 select(Reaction.interaction_id, Reaction.dwell_ms)
                 .where(Reaction.interaction_id.in_(chunk))):
             dwell[interaction_id].append(int(dwell_ms))
     signals: list[Signal] = []
-    for start in range(0, len(ids), 5000):
-        chunk = ids[start:start + 5000]
+    for start in range(0, len(ids), QUERY_CHUNK):
+        chunk = ids[start:start + QUERY_CHUNK]
         for interaction in session.scalars(select(Interaction).where(Interaction.id.in_(chunk))):
-            raw_context = dict(interaction.context or {})
+            raw_context = {k: v for k, v in (interaction.context or {}).items()
+                           if k not in ROUTING_ONLY_CONTEXT}
             names = deid.names_in(raw_context) | deid.names_in(interaction.request_messages or [])
             pseudonyms = deid.Pseudonyms() if pseudonymize else None  # one per interaction
             context = deid.scrub_value(raw_context, names, pseudonyms=pseudonyms)
@@ -521,7 +493,12 @@ def _stats(labels: Labels, counts: dict[str, Any], cfg: SignalConfig) -> dict[st
     return {
         "kept": counts["positive"] + counts["negative"],
         "dropped_by_reason": {"conflicting_interactions": counts["conflicting"],
-                              "reactions_outside_windows": labels.outside_windows},
+                              "reactions_outside_windows": labels.outside_windows,
+                              "unverified_history": labels.unverified_history,
+                              "capped_per_user": labels.capped_per_user,
+                              "reactions_not_served": labels.not_served,
+                              "reactions_text_purged": labels.text_purged,
+                              "reactions_erased": labels.erased},
         "counts": counts,
         "windows": {"positive": [cfg.done_min_ms, cfg.done_max_ms],
                     "negative_below": cfg.dismiss_max_ms},

@@ -82,6 +82,13 @@ def test_dataset_asset_is_emitted_only_behind_the_gate(dagbag):
     assert dag.get_task("gate_passed").__class__.__name__.startswith("_ShortCircuit")
 
 
+def test_the_nightly_retention_purge_runs_before_signals_are_counted_or_built(dagbag):
+    nightly = dagbag.dags["nightly_refresh"]
+    assert "purge_expired_text" in nightly.get_task("count_signals").upstream_task_ids
+    assert "purge_expired_text" in nightly.get_task("build").get_flat_relative_ids(
+        upstream=True)
+
+
 def test_schedules(dagbag):
     nightly = dagbag.dags["nightly_refresh"]
     assert nightly.timetable.expression == "0 2 * * *"

@@ -16,9 +16,9 @@ from tasks.cli import build_parser, main
 from tasks.cli.common import params_of
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["migrate", "generate", "tag", "curate", "build-reaction-dataset", "scrub", "train",
-            "evaluate", "shadow-deploy", "shadow-compare", "adapters", "serve-model",
-            "serve-router", "demo"]
+COMMANDS = ["migrate", "generate", "tag", "curate", "build-reaction-dataset", "forget",
+            "retention", "scrub", "train", "evaluate", "shadow-deploy", "shadow-compare",
+            "adapters", "serve-model", "serve-router", "demo"]
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -90,6 +90,9 @@ def test_help_imports_no_stage_and_no_heavy_library():
      ["--min-negative", "min_negative must be >= 0", "set min_negative: 500"]),
     (["build-reaction-dataset", "--done-min-ms", "200000"],
      ["--done-min-ms", "--done-max-ms", "done_min_ms (200000) > done_max_ms"]),
+    (["build-reaction-dataset", "--max-examples-per-user", "-1"],
+     ["--max-examples-per-user", "max_examples_per_user must be >= 0",
+      "set max_examples_per_user: 50"]),
     (["train", "--lora-r", "0"], ["--lora-r", "lora_r must be > 0", "set lora_r: 16"]),
     (["train", "--learning-rate", "-1"], ["--learning-rate", "set learning_rate: 2e-4"]),
     (["shadow-compare", "--alpha", "0.9"], ["--alpha", "within (0, 0.5]", "set alpha: 0.05"]),
@@ -195,6 +198,48 @@ def test_build_reaction_dataset_passes_the_signal_config_and_exits_3_when_skippe
     calls.patch("tasks.signals.stage", "build_reaction_dataset_or_skip", built)
     code, out, _ = _run(["build-reaction-dataset"], capsys)
     assert code == 0 and _summary(out)["dataset_id"] == "ds-r"
+
+
+def test_build_reaction_dataset_passes_the_per_user_cap(calls, capsys):
+    calls.patch("tasks.signals.stage", "build_reaction_dataset_or_skip",
+                {"built": True, "gate_passed": True, "dataset_id": "ds-r"})
+    code, _, _ = _run(["build-reaction-dataset", "--max-examples-per-user", "7"], capsys)
+    assert code == 0
+    (cfg,), _ = calls.of["build_reaction_dataset_or_skip"][0]
+    assert cfg.max_examples_per_user == 7
+
+
+ERASED = {"user_hash": "ab" * 32, "reactions_deleted": 2, "interactions_erased": 3,
+          "snapshots": [{"dataset_id": "ds-9", "name": "reactions", "kind": "reaction",
+                         "artifact_uri": "file:///data/datasets/ds-9", "items": 4}],
+          "requested_at": "2026-12-07T00:00:00+00:00", "totals": {}}
+
+
+def test_forget_calls_forget_user_or_forget_user_hash_and_lists_the_snapshots(calls, capsys):
+    calls.patch("tasks.signals.erasure", "forget_user", ERASED)
+    calls.patch("tasks.signals.erasure", "forget_user_hash", ERASED)
+    code, out, err = _run(["forget", "--user", "alice@example.com"], capsys)
+    assert code == 0 and _summary(out) == ERASED
+    assert calls.of["forget_user"] == [(("alice@example.com",), {})]
+    assert "ds-9  reactions (reaction, 4 items of theirs)  file:///data/datasets/ds-9" in err
+    code, out, _ = _run(["forget", "--user-hash", "ab" * 32], capsys)
+    assert code == 0 and calls.of["forget_user_hash"] == [(("ab" * 32,), {})]
+
+
+def test_retention_passes_days_and_refuses_without_a_period(calls, capsys, monkeypatch):
+    from tasks.core.settings import get_settings
+
+    calls.patch("tasks.signals.erasure", "purge_expired_text", {"interactions_purged": 0})
+    code, out, _ = _run(["retention", "--days", "45"], capsys)
+    assert code == 0 and calls.of["purge_expired_text"] == [((45,), {})]
+    monkeypatch.delenv("TUNELOOP_RETENTION_DAYS", raising=False)
+    get_settings.cache_clear()
+    try:
+        code, out, err = _run(["retention"], capsys)
+    finally:
+        get_settings.cache_clear()
+    assert code == 2 and out == ""
+    assert "no retention period: pass --days N" in err
 
 
 def _patch_training(calls, backend: str = "local"):
