@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from serving.interactions import Batch, InteractionLog, Spool, interaction_row, reaction_row
+from serving.interactions import InteractionLog, interaction_row, reaction_row
+from serving.spool import Batch, Spool
 from tasks.core.db.engine import engine_for, session_scope
 from tasks.core.db.models import Interaction, Reaction
 from tests.fakes.tcp_proxy import TcpProxy
