@@ -5,7 +5,12 @@ Three processes: the fake OpenAI backend (subprocess, uvloop, fixed small latenc
 the interaction log) and this process, an open-loop load generator: request i is sent at
 t0 + i / rate whatever happened to earlier ones. Phases alternate direct → router → direct → …
 so drifting load on a shared machine hits both sides alike; each request is a non-streaming chat
-completion from one of 1000 users. Printed, measured in the same run:
+completion from one of 1000 users. The router runs its production front door: three named
+clients (TUNELOOP_ROUTER_CLIENTS, keys stored as digests) whose keys the requests rotate through,
+the default body and message limits, per-client and per-user rate limits (far above the bench
+rate, so none answers 429) and a fresh X-Request-Id on every routed request (the in-memory
+request-id check, no database read); its log counters come from GET /v1/router/state with the
+admin key. Printed, measured in the same run:
 
 - p50/p99 of direct and routed requests, `p50_added_ms` and `p99_added_ms` (routed − direct;
   target p99 <= 3 ms), the router's CPU time per request next to the backend's (what the
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
 import socket
 import subprocess
@@ -45,10 +51,12 @@ except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
     uvloop = None
 
 from serving.interactions import InteractionLog, interaction_row  # noqa: E402
+from serving.router_config import key_digest  # noqa: E402
 from tasks.core.settings import DEFAULT_LOCAL_MODEL  # noqa: E402
 from tests.fakes.fake_openai import FakeOpenAIServer  # noqa: E402
 
-API_KEY = "bench-router-key"
+CLIENT_KEYS = {name: f"bench-{name}-key-{uuid.uuid4().hex}" for name in ("web", "app", "batch")}
+ADMIN_KEY = f"bench-admin-key-{uuid.uuid4().hex}"
 PUBLIC_MODEL = "tuneloop-bench"
 ADMIN_URL = os.environ.get("TUNELOOP_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -57,17 +65,17 @@ def throwaway_database() -> tuple[str, object]:
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    from tasks.core.db.engine import _engine_for, migrate
+    from tasks.core.db.engine import engine_for, migrate
 
     name = f"tuneloop_bench_router_{uuid.uuid4().hex[:8]}"
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    migrate(_engine_for(url))
+    migrate(engine_for(url))
 
     def drop() -> None:
-        _engine_for(url).dispose()
+        engine_for(url).dispose()
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
@@ -86,7 +94,10 @@ def start_router(backend_url: str, database_url: str,
     port = free_port()
     env = {**os.environ, "DATABASE_URL": database_url,
            "TUNELOOP_ROUTER_CHAMPION_BASE_URL": backend_url,
-           "TUNELOOP_ROUTER_API_KEY": API_KEY, "TUNELOOP_REGISTERED_MODEL_NAME": PUBLIC_MODEL,
+           "TUNELOOP_ROUTER_CLIENTS": json.dumps({name: key_digest(key)
+                                                  for name, key in CLIENT_KEYS.items()}),
+           "TUNELOOP_ROUTER_ADMIN_KEY": ADMIN_KEY,
+           "TUNELOOP_REGISTERED_MODEL_NAME": PUBLIC_MODEL,
            "TUNELOOP_LLM_MODEL": DEFAULT_LOCAL_MODEL}
     log_file = tempfile.NamedTemporaryFile("w+", prefix="bench-router-", suffix=".log")
     process = subprocess.Popen(
@@ -115,12 +126,15 @@ async def phase(session, url: str, model: str, rate: float, seconds: float,
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     errors = 0
-    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    keys = list(CLIENT_KEYS.values())
 
     async def one(i: int) -> None:
         nonlocal errors
         body = {"model": model, "max_tokens": 16, "user": f"bench-user-{i % 1000}",
                 "messages": [{"role": "user", "content": f"one short tip please ({tag} {i})"}]}
+        # Both sides get the same headers (the backend ignores them).
+        headers = {"Authorization": f"Bearer {keys[i % len(keys)]}",
+                   "Content-Type": "application/json", "X-Request-Id": f"{tag}-{i}"}
         started = time.perf_counter()
         async with session.post(url, json=body, headers=headers) as response:
             await response.read()
@@ -198,9 +212,9 @@ async def load(backend_url: str, router_url: str, rate: float, seconds: float,
 
 
 def log_throughput(database_url: str, rows: int, single_rows: int) -> tuple[float, float]:
-    from tasks.core.db.engine import _engine_for
+    from tasks.core.db.engine import engine_for
 
-    engine = _engine_for(database_url)
+    engine = engine_for(database_url)
     messages = [{"role": "system", "content": "You give short, kind, practical tips. " * 3},
                 {"role": "user", "content": "How do I start a budget when money is tight? " * 2}]
     response = "Write down every expense for one week, then pick one category to trim. " * 3
@@ -260,11 +274,9 @@ def main() -> None:
             print(f"p50_added_ms={np.percentile(routed, 50) - np.percentile(direct, 50):.3f}")
             print(f"p99_added_ms={np.percentile(routed, 99) - np.percentile(direct, 99):.3f}")
             request = urllib.request.Request(f"{router_url}/router/state",
-                                             headers={"Authorization": f"Bearer {API_KEY}"})
+                                             headers={"Authorization": f"Bearer {ADMIN_KEY}"})
             time.sleep(0.5)
             with urllib.request.urlopen(request, timeout=10) as response:
-                import json
-
                 stats = json.loads(response.read())["log"]
             print(f"router_log: written={stats['written']} dropped={stats['dropped']} "
                   f"failed={stats['failed']} queued={stats['queued']} batches={stats['batches']}")

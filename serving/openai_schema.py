@@ -11,7 +11,9 @@ not declared are kept). Each service validates its own subclass, and they differ
   [1, 32768]); roles are OpenAI's five and content must be a string; `model` has at most 300
   characters and `messages` at least one item; it knows `user` (the sticky routing key, at most
   256 characters) and `metadata` (strings, logged). Every other field (stop, n, seed, ...) is
-  passed through unvalidated: the backend judges it.
+  passed through unvalidated: the backend judges it. How many messages and how long each may be
+  is the router's configuration, checked after the schema (`message_limit_errors`, a 422 in the
+  same shape) and advertised in its OpenAPI document.
 - the model server (`ModelServerChatRequest`, messages are `ChatMessageBase`) coerces like
   pydantic's lax mode ("0.5" is a temperature, "12" a max_tokens) and answers 400: a wrong type
   is "invalid request body at <field>: ...", while ranges (temperature [0, 2], top_p (0, 1],
@@ -30,7 +32,8 @@ Responses: `ModelCard` / `ModelList` (`GET /v1/models`, both services), the erro
 (`ErrorBody`, `ErrorResponse`, `error_content`, `error_response`; the model server adds
 `available` model ids to a 404), and the chat completion, its streamed chunks and usage
 (`ChatCompletion`, `ChatCompletionChunk`, `Usage`: built by the model server, read back by the
-router with `completion_text` and `SSEText`), framed as SSE events by `sse_event` and `SSE_DONE`.
+router with `completion_text` and `SSEText`), framed as SSE events by `sse_event` and `SSE_DONE`;
+`stored_completion` is the router's answer to a replayed request, rebuilt from the stored one.
 """
 
 from __future__ import annotations
@@ -108,6 +111,26 @@ class ChatCompletionRequest(ChatRequestBase[ChatMessage]):
     metadata: dict[str, str] | None = None
 
 
+def message_limit_errors(request: ChatCompletionRequest, *, max_messages: int,
+                         max_content_chars: int) -> list[dict[str, Any]]:
+    """Pydantic-shaped errors (loc, msg, type) for a request over the router's configured
+    limits: more than `max_messages` messages, or a message longer than `max_content_chars`."""
+    count = len(request.messages)
+    if count > max_messages:
+        return [{"type": "too_long", "loc": ("body", "messages"),
+                 "msg": f"List should have at most {max_messages} items (the router's limit, "
+                        f"TUNELOOP_ROUTER_MAX_MESSAGES), got {count}",
+                 "input": None, "ctx": {"max_length": max_messages, "actual_length": count}}]
+    for index, message in enumerate(request.messages):
+        length = len(message.content)
+        if length > max_content_chars:
+            return [{"type": "string_too_long", "loc": ("body", "messages", index, "content"),
+                     "msg": f"String should have at most {max_content_chars} characters (the "
+                            f"router's limit, TUNELOOP_ROUTER_MAX_CONTENT_CHARS), got {length}",
+                     "input": None, "ctx": {"max_length": max_content_chars}}]
+    return []
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -180,6 +203,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {  # for the router's OpenAPI
     400: {"model": ErrorResponse, "description": "the body is not valid JSON, or a backend "
           "rejected the request"},
     401: {"model": ErrorResponse, "description": "missing or wrong API key"},
+    403: {"model": ErrorResponse, "description": "a valid key that does not open this route "
+          "(the admin key on a client route, a client key on a control route)"},
+    413: {"model": ErrorResponse, "description": "the body is larger than the router accepts"},
     422: {"model": ErrorResponse, "description": "a field is invalid (`param` names it)"},
     429: {"model": ErrorResponse, "description": "rate limited; see Retry-After"},
 }
@@ -259,6 +285,26 @@ def chat_completion(*, completion_id: str, created: int, model: str, fingerprint
             "finish_reason": finish_reason,
         }],
         "usage": token_usage,
+    }
+
+
+def stored_completion(*, interaction_id: str, created: int, model: str,
+                      text: str) -> dict[str, Any]:
+    """A stored answer as a (one-choice) chat completion, for a replayed request: the text as it
+    was served, no token usage (not stored), and the interaction id the first answer carried."""
+    return {
+        "id": f"chatcmpl-{interaction_id}",
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }],
+        "usage": None,
+        "interaction_id": interaction_id,
     }
 
 

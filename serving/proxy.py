@@ -1,8 +1,10 @@
 """Forwarding one chat request to its backend: `proxy_completion` (JSON) and `proxy_stream` (SSE
 passed through chunk by chunk) try the chosen variant, fall back to the champion when the challenger
-fails (logging the failed attempt as its own row), write the interaction row, start the mirror
-copy, and answer with the interaction id, variant and version headers; `ClosingStream` makes
-sure a stream is logged and its backend released however it ends.
+fails (logging the failed attempt as its own row), record the interaction row (`Router.record`:
+the log, and what the router remembers for reactions and request-id replays), start the mirror
+copy, and answer with the interaction id and version headers. Which variant answered is never
+told to the client (it would let a client game the comparison): it is in the stored row only.
+`ClosingStream` makes sure a stream is logged and its backend released however it ends.
 """
 
 from __future__ import annotations
@@ -29,12 +31,11 @@ log = logging.getLogger("serving.router")  # the router's one log, as before the
 
 
 HEADER_INTERACTION = "X-Interaction-Id"
-HEADER_VARIANT = "X-Tuneloop-Variant"
 HEADER_VERSION = "X-Tuneloop-Model-Version"
 
 
-def _response_headers(interaction_id: str, variant: str, version: str | None) -> dict[str, str]:
-    headers = {HEADER_INTERACTION: interaction_id, HEADER_VARIANT: variant}
+def _response_headers(interaction_id: str, version: str | None) -> dict[str, str]:
+    headers = {HEADER_INTERACTION: interaction_id}
     if version:
         headers[HEADER_VERSION] = version
     return headers
@@ -49,10 +50,12 @@ def _log_failed_attempt(router: Router, state: RoutingState, row_base: dict[str,
                         variant: str, model: str, detail: str, started: float) -> None:
     """A challenger attempt that failed before the champion answered in its place gets its own
     `backend_error` row (id derived from the served interaction's, which its context names), so
-    the challenger's error rate counts it and the shadow report's error guard can roll back."""
-    router.log.submit(interaction_row(
+    the challenger's error rate counts it and the shadow report's error guard can roll back. It
+    carries no request id: the client's X-Request-Id names the served interaction only."""
+    router.record(interaction_row(
         **{**row_base, "id": stable_id(row_base["id"], "failed-attempt", variant),
-           "context": {**row_base["context"], "fallback_to": row_base["id"]}},
+           "context": {**row_base["context"], "fallback_to": row_base["id"]},
+           "request_id": None},
         variant=variant, model_name=model, model_version=state.versions[variant],
         latency_ms=(time.perf_counter() - started) * 1000.0, status="backend_error",
         error=detail[:2000]))
@@ -83,31 +86,29 @@ async def proxy_completion(router: Router, state: RoutingState, variant: str, pa
     latency_ms = (time.perf_counter() - started) * 1000.0
     row = interaction_row(**row_base, variant=variant, model_name=payload["model"],
                           model_version=state.versions[variant], latency_ms=latency_ms)
-    headers = _response_headers(row["id"], variant, state.versions[variant])
+    headers = _response_headers(row["id"], state.versions[variant])
     if response is None or response.status_code >= 500:
         detail = str(error) if error else f"HTTP {response.status_code}"
         row.update(status="backend_error", error=detail[:2000])
-        router.log.submit(row)
-        timed_out = error is not None and error.timed_out
-        return error_response(504 if timed_out else 502, f"backend {variant} failed: {detail}",
-                              type_="api_error", code="backend_error", headers=headers)
+        router.record(row)
+        return _backend_failed_response(error, headers)
     if response.status_code >= 400:
         row.update(status="rejected", error=response.text[:2000])
-        router.log.submit(row)
+        router.record(row)
         return Response(response.content, status_code=response.status_code,
                         media_type="application/json", headers=headers)
     try:
         data = response.json()
     except ValueError:
         row.update(status="backend_error", error="backend returned invalid JSON")
-        router.log.submit(row)
-        return error_response(502, f"backend {variant} returned invalid JSON", type_="api_error",
-                              code="backend_error", headers=headers)
+        router.record(row)
+        return error_response(502, "the model backend returned invalid JSON; retry later",
+                              type_="api_error", code="backend_error", headers=headers)
     row["response"] = completion_text(data)
-    router.log.submit(row)
+    router.record(row)
     if mirror:
         router.start_mirror(payload=payload, parent_id=row["id"], user_hash=row["user_hash"],
-                            state=state, context=row_base["context"],
+                            client_id=row["client_id"], state=state, context=row_base["context"],
                             messages=row_base["request_messages"])
     if isinstance(data, dict):
         data["interaction_id"] = row["id"]
@@ -121,12 +122,12 @@ async def proxy_stream(router: Router, state: RoutingState, variant: str, payloa
                                                   started)
     row = interaction_row(**row_base, variant=variant, model_name=payload["model"],
                           model_version=state.versions[variant])
-    headers = _response_headers(row["id"], variant, state.versions[variant])
+    headers = _response_headers(row["id"], state.versions[variant])
     if upstream is None or upstream.status_code >= 400:
-        return await _stream_failed(router, row, headers, variant, upstream, error, started)
+        return await _stream_failed(router, row, headers, upstream, error, started)
     if mirror:
         router.start_mirror(payload=payload, parent_id=row["id"], user_hash=row["user_hash"],
-                            state=state, context=row_base["context"],
+                            client_id=row["client_id"], state=state, context=row_base["context"],
                             messages=row_base["request_messages"])
     return _relay(router, row, headers, upstream, started)
 
@@ -161,7 +162,7 @@ async def _open_stream(router: Router, state: RoutingState, variant: str,
 
 
 async def _stream_failed(router: Router, row: dict[str, Any], headers: dict[str, str],
-                         variant: str, upstream: UpstreamStream | None,
+                         upstream: UpstreamStream | None,
                          error: BackendUnavailable | None, started: float) -> Response:
     """No stream to pass through: a 4xx from the backend is logged as rejected and relayed; no
     answer or a 5xx is logged as a backend error and answered 502 (504 on a timeout)."""
@@ -170,17 +171,25 @@ async def _stream_failed(router: Router, row: dict[str, Any], headers: dict[str,
         await upstream.aclose()
         row.update(status="rejected", error=body[:2000].decode(errors="replace"),
                    latency_ms=(time.perf_counter() - started) * 1000.0)
-        router.log.submit(row)
+        router.record(row)
         return Response(body, status_code=upstream.status_code,
                         media_type="application/json", headers=headers)
     detail = str(error) if error else (
         f"HTTP {upstream.status_code}" if upstream is not None else "no response")
     row.update(status="backend_error", error=detail[:2000],
                latency_ms=(time.perf_counter() - started) * 1000.0)
-    router.log.submit(row)
+    router.record(row)
+    return _backend_failed_response(error, headers)
+
+
+def _backend_failed_response(error: BackendUnavailable | None,
+                             headers: dict[str, str]) -> Response:
+    """502 (504 on a timeout) naming neither the variant nor the backend (the row has both)."""
     timed_out = error is not None and error.timed_out
-    return error_response(504 if timed_out else 502, f"backend {variant} failed: {detail}",
-                          type_="api_error", code="backend_error", headers=headers)
+    message = ("the model backend timed out; retry later" if timed_out
+               else "the model backend failed; retry later")
+    return error_response(504 if timed_out else 502, message, type_="api_error",
+                          code="backend_error", headers=headers)
 
 
 def _relay(router: Router, row: dict[str, Any], headers: dict[str, str],
@@ -196,7 +205,7 @@ def _relay(router: Router, row: dict[str, Any], headers: dict[str, str],
             logged = True
             row.update(response=text.text, status=status, error=error_text,
                        latency_ms=(time.perf_counter() - started) * 1000.0)
-            router.log.submit(row)
+            router.record(row)
 
     async def passthrough() -> AsyncIterator[bytes]:
         status, error_text = "client_disconnected", None

@@ -21,10 +21,32 @@ one pooled client: aiohttp when installed — about a fifth of httpx's CPU per r
   string); the registry's base-model version (tag is_base=true) is served as the bare base model.
 
 Every request becomes an `interactions` row (HMAC-hashed user, context, prompt messages, response
-text, model version, variant, latency) written by a batch writer thread off the response path; the
-id is returned in the `X-Interaction-Id` header (and `interaction_id` in JSON bodies). API-key
-auth (Bearer) and token-bucket rate limits (per user, and per key for anonymous traffic) guard
-every `/v1` route. Run it with `python -m serving.router --port 8400`.
+text, model version, variant, latency, the client's name and X-Request-Id) written by a batch
+writer thread off the response path; its id (128 random bits from `secrets`) is returned in the
+`X-Interaction-Id` header (and `interaction_id` in JSON bodies). Which variant answered is never
+told to the client. The front door, for hostile clients:
+
+- named API clients (`RouterConfig.clients`: name -> sha256 digest of its key; the one-key
+  set-up's key is the client "default"): a Bearer token is looked up by its digest (a dict on
+  the first 8 bytes, then a constant-time compare of all 32) and the request runs as that
+  client's name, stored as `client_id`. `GET /v1/router/state` takes the admin key only (a
+  client key is a 403, no or a wrong key a 401); every other `/v1` route takes a client key
+  only. `/health`, `/` and the OpenAPI document are public: liveness, nothing about the state.
+- token-bucket rate limits per client (all its requests) and per end user of a client.
+- limits: a body over `max_body_bytes` is a 413 (by Content-Length, or by the bytes read: chunked
+  bodies too); more than `max_messages` messages or a message over `max_content_chars` a 422
+  naming the field.
+- X-Request-Id names a request of one client (unique per (client_id, request_id)): a replay by
+  that client returns the stored answer with the same interaction id, or a 409 while the first
+  is still in flight or when it failed; it never overwrites. The last `request_ids_max` ids are
+  held in memory (`RequestIds`, loaded from the database at start), so a fresh id costs no
+  database read; one is made only when memory cannot vouch for the whole `request_id_window_s`.
+  An id reused after that window is served anew, and the log's write of its row is refused by
+  the unique index (logged as failed): the first row stays.
+- reactions (`serving.reactions`) are accepted from the client, and end user, that got the
+  answer; `RecentInteractions` lets them be checked while the database is down.
+
+Run it with `python -m serving.router --port 8400`.
 
 The pieces live beside it: `serving.router_config` (settings), `serving.routing` (who answers,
 rate limits), `serving.interactions` (the log), `serving.openai_schema` (the wire format),
@@ -43,24 +65,29 @@ import hmac
 import json
 import logging
 import math
-import os
-import random
+import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.api_common import (
     BEARER,
+    InteractionFacts,
+    RecentInteractions,
     Rejected,
     checked_header,
+    forbidden,
     http_error_response,
     rejected_response,
     unauthorized,
@@ -70,14 +97,20 @@ from serving.api_common import (
 from serving.interactions import InteractionLog, interaction_row
 from serving.openai_schema import (
     ERROR_RESPONSES,
+    SSE_DONE,
     ChatCompletionRequest,
     ErrorResponse,
     ModelCard,
     ModelList,
+    chunk_choice,
+    completion_chunk,
     completion_text,
     error_response,
+    message_limit_errors,
+    sse_event,
+    stored_completion,
 )
-from serving.proxy import proxy_completion, proxy_stream
+from serving.proxy import HEADER_INTERACTION, proxy_completion, proxy_stream
 from serving.reactions import ReactionIn, reactions_router
 from serving.router_config import MODEL_TEMPLATES, RouterConfig, RouterError
 from serving.routing import (
@@ -100,11 +133,93 @@ from tasks.core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
+# ---- who is calling, and what they asked before ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Whom a valid key belongs to: a named client, or the admin."""
+
+    name: str
+    admin: bool = False
+
+
+ADMIN = Caller("admin", admin=True)
+
+
+@dataclass(slots=True)
+class RequestEntry:
+    """The interaction a (client, X-Request-Id) named, and its status once recorded."""
+
+    interaction_id: str
+    created: float  # epoch seconds
+    status: str | None = None  # the row's status (ok, backend_error, ...); None: in flight
+
+
+class RequestIds:
+    """(client, X-Request-Id) -> `RequestEntry` for the last `max_items` requests that sent one,
+    oldest out first: what a replay is answered from without reading the database.
+
+    `complete_since` (epoch seconds): every request id used after it is in memory. It is set
+    when `load` has read the window's ids from the database (until then it is +inf: any id
+    may exist) and raised past each entry evicted; an id not in memory `might_exist` only when
+    that does not cover the last `window_s`. Event-loop only.
+    """
+
+    def __init__(self, max_items: int, window_s: float) -> None:
+        self.max_items = max_items
+        self.window_s = window_s
+        self._entries: OrderedDict[tuple[str, str], RequestEntry] = OrderedDict()
+        self._loaded_from = math.inf
+        self._evicted_up_to = -math.inf
+
+    @property
+    def complete_since(self) -> float:
+        return max(self._loaded_from, self._evicted_up_to)
+
+    def might_exist(self, now: float) -> bool:
+        """Whether an id not in memory could still name an interaction of the window."""
+        return self.complete_since > now - self.window_s
+
+    def get(self, key: tuple[str, str]) -> RequestEntry | None:
+        return self._entries.get(key)
+
+    def put(self, key: tuple[str, str], entry: RequestEntry) -> None:
+        self._entries[key] = entry
+        self._trim()
+
+    def forget(self, key: tuple[str, str], interaction_id: str) -> None:
+        """Drop an in-flight entry that will never be recorded (its handler died)."""
+        entry = self._entries.get(key)
+        if entry is not None and entry.interaction_id == interaction_id and entry.status is None:
+            del self._entries[key]
+
+    def load(self, rows: Iterable[tuple[str, str, str, str, float]], loaded_from: float) -> None:
+        """Merge (client, request id, interaction id, status, created) rows read from the
+        database, newest first; memory is complete from `loaded_from` on."""
+        for client_id, request_id, interaction_id, status, created in rows:
+            key = (client_id, request_id)
+            if key not in self._entries:
+                self._entries[key] = RequestEntry(interaction_id, created, status)
+                self._entries.move_to_end(key, last=False)
+        self._loaded_from = loaded_from
+        self._trim()
+
+    def _trim(self) -> None:
+        while len(self._entries) > self.max_items:
+            _, evicted = self._entries.popitem(last=False)
+            self._evicted_up_to = max(self._evicted_up_to, evicted.created)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 # ---- the app -----------------------------------------------------------------------------------
 
 
 class Router:
-    """Per-app state: config, HTTP client, resolver, log, limiters, mirror tasks."""
+    """Per-app state: config, HTTP client, resolver, log, limiters, mirror tasks, the keys, and
+    what it remembers of recent interactions (reactions) and request ids (replays)."""
 
     def __init__(self, config: RouterConfig, engine: Any) -> None:
         self.config = config
@@ -116,21 +231,51 @@ class Router:
         self.user_limiter = TokenBucketLimiter(config.rate_limit_per_s, config.rate_limit_burst)
         self.key_limiter = TokenBucketLimiter(config.key_rate_limit_per_s,
                                               config.key_rate_limit_burst)
-        self._keys = [(k.get_secret_value().encode(),
-                       hashlib.sha256(k.get_secret_value().encode()).hexdigest()[:12])
-                      for k in config.api_keys]
+        # digest[:8] -> (digest, caller): one dict lookup, then a constant-time compare.
+        self._callers: dict[bytes, tuple[bytes, Caller]] = {}
+        for name, digest in config.clients.items():
+            self._add_key(digest, Caller(name))
+        if config.admin_key_sha256:
+            self._add_key(config.admin_key_sha256, ADMIN)
         self._salt = config.user_hash_salt.get_secret_value()
+        self.recent = RecentInteractions(config.recent_interactions_max)
+        self.requests = RequestIds(config.request_ids_max, config.request_id_window_s)
         self.upstream: HttpxUpstream | AiohttpUpstream | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._mirror_slots = config.mirror_max_in_flight
         self.mirror_skipped = 0
 
+    def _add_key(self, digest: str, caller: Caller) -> None:
+        raw = bytes.fromhex(digest.removeprefix("sha256:"))
+        self._callers[raw[:8]] = (raw, caller)
+
     # -- lifecycle --
     async def start(self) -> None:
         self.upstream = make_upstream(self.config.http_backend, self.config.max_connections)
         self.log.start()
-        if not await asyncio.to_thread(self.resolver.refresh_deployment):
-            await asyncio.to_thread(self.resolver.refresh_aliases)  # else it just read them
+        try:
+            await asyncio.to_thread(self.resolver.prepare)  # imports MLflow: local, no request
+        except Exception:  # noqa: BLE001 - the registry read below reports it again
+            log.exception("router: cannot make the MLflow client")
+        # The deployment (Postgres, under its own connect and statement timeouts) first; then
+        # the registry in the background with a bounded wait: an unreachable MLflow must not
+        # hold start-up. Until it answers the resolver serves the last known good state it
+        # loaded (or the base model when there is none).
+        await asyncio.to_thread(self.resolver.refresh_deployment, read_registry=False)
+
+        async def first_registry_read() -> None:
+            try:
+                await asyncio.to_thread(self.resolver.refresh_aliases)
+            except Exception:  # noqa: BLE001 - the refresh loop below tries again
+                log.exception("router: first registry read failed")
+
+        if self.config.use_registry:
+            first = self._spawn(first_registry_read())
+            done, _ = await asyncio.wait({first}, timeout=self.resolver.start_wait_s)
+            if not done:
+                log.warning("router: MLflow has not answered after %.1f s; serving %s "
+                            "meanwhile", self.resolver.start_wait_s,
+                            dict(self.resolver.state.versions))
         self._spawn(self._refresh_loop(self.config.deployment_ttl_s,
                                        self.resolver.refresh_deployment))
         if self.config.use_registry:
@@ -165,36 +310,210 @@ class Router:
                 log.exception("router: refresh failed")
 
     # -- auth and limits --
-    def authenticate(self, credentials: HTTPAuthorizationCredentials | None) -> str | None:
-        """The key's short id when the bearer token matches a configured key, else None."""
-        if credentials is None or credentials.scheme.lower() != "bearer":
-            return None
-        presented = credentials.credentials.encode()
-        for secret, key_id in self._keys:
-            if hmac.compare_digest(presented, secret):
-                return key_id
+    def identify(self, token: str) -> Caller | None:
+        """Whose key `token` is (a client or the admin), else None."""
+        digest = hashlib.sha256(token.encode()).digest()
+        entry = self._callers.get(digest[:8])
+        if entry is not None and hmac.compare_digest(entry[0], digest):
+            return entry[1]
         return None
 
-    def authenticate_header(self, authorization: str | None) -> str | None:
-        """`authenticate` for a raw Authorization header value."""
+    def authenticate(self, credentials: HTTPAuthorizationCredentials | None) -> Caller | None:
+        """The caller a Bearer credential names, else None."""
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            return None
+        return self.identify(credentials.credentials)
+
+    def authenticate_header(self, authorization: str | None) -> Caller | None:
+        """`authenticate` for a raw Authorization header value (the chat hot path)."""
         if not authorization:
             return None
         scheme, _, token = authorization.partition(" ")
-        return self.authenticate(HTTPAuthorizationCredentials(scheme=scheme,
-                                                              credentials=token.strip()))
+        token = token.strip()
+        if not token or scheme.lower() != "bearer":
+            return None
+        return self.identify(token)
 
-    def rate_limited(self, key_id: str, user_hash: str | None) -> JSONResponse | None:
-        """429 when the key's bucket (every request) or the user's bucket (requests naming a
+    @staticmethod
+    def client_of(caller: Caller | None) -> str:
+        """The client name a client route runs as; raises Rejected (401 no or a wrong key,
+        403 the admin key)."""
+        if caller is None:
+            raise Rejected(unauthorized())
+        if caller.admin:
+            raise Rejected(forbidden("the admin key opens the control routes only; send a "
+                                     "client's API key"))
+        return caller.name
+
+    @staticmethod
+    def require_admin(caller: Caller | None) -> None:
+        """Raises Rejected unless the caller is the admin (401 no or a wrong key, 403 a client)."""
+        if caller is None:
+            raise Rejected(unauthorized())
+        if not caller.admin:
+            raise Rejected(forbidden("this control route takes the admin key "
+                                     "(TUNELOOP_ROUTER_ADMIN_KEY), not a client's key"))
+
+    def rate_limited(self, client_id: str, user_hash: str | None) -> JSONResponse | None:
+        """429 when the client's bucket (every request) or its user's bucket (requests naming a
         user) is empty; None when the request may go on."""
-        wait = self.key_limiter.acquire(key_id)
+        wait = self.key_limiter.acquire(client_id)
         if wait <= 0 and user_hash is not None:
-            wait = self.user_limiter.acquire(f"{key_id}:{user_hash}")
+            wait = self.user_limiter.acquire(f"{client_id}:{user_hash}")
         if wait <= 0:
             return None
         return error_response(
             429, f"rate limit exceeded; retry after {wait:.2f} s", type_="rate_limit_error",
             code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))},
         )
+
+    # -- what the router remembers --
+    def record(self, row: dict[str, Any]) -> None:
+        """Submit an interaction row to the log and remember it: its facts for reactions, its
+        status for a replay of its X-Request-Id."""
+        if self.log.submit(row):
+            self.recent.add(row["id"], InteractionFacts.of_row(row))
+        if row["request_id"] is not None:
+            entry = self.requests.get((row["client_id"], row["request_id"]))
+            if entry is not None and entry.interaction_id == row["id"]:
+                entry.status = row["status"]
+
+    async def load_request_ids(self, retry_every_s: float = 5.0) -> None:
+        """Read the window's request ids from the database into memory (so a fresh id needs no
+        lookup); retried while the database is unreachable."""
+        while True:
+            try:
+                rows, loaded_from = await asyncio.to_thread(self._recent_request_ids)
+            except Exception as exc:  # noqa: BLE001 - unknown ids are looked up meanwhile
+                log.warning("router: cannot load recent request ids (retrying in %.0f s): %s",
+                            retry_every_s, str(exc).splitlines()[0] if str(exc) else exc)
+                await asyncio.sleep(retry_every_s)
+                continue
+            self.requests.load(rows, loaded_from)
+            log.info("router: %d recent request ids loaded", len(rows))
+            return
+
+    def _recent_request_ids(self) -> tuple[list[tuple[str, str, str, str, float]], float]:
+        from sqlalchemy import select
+
+        from tasks.core.db.engine import session_scope
+        from tasks.core.db.models import Interaction
+
+        started = time.time()
+        since = datetime.fromtimestamp(started - self.requests.window_s).astimezone()
+        with session_scope(self.engine) as session:
+            found = session.execute(
+                select(Interaction.client_id, Interaction.request_id, Interaction.id,
+                       Interaction.status, Interaction.created_at)
+                .where(Interaction.request_id.is_not(None), Interaction.created_at >= since)
+                .order_by(Interaction.created_at.desc())
+                .limit(self.requests.max_items)
+            ).all()
+        rows = [(client_id, request_id, interaction_id, status, created_at.timestamp())
+                for client_id, request_id, interaction_id, status, created_at in found
+                if client_id is not None]
+        if len(found) < self.requests.max_items:
+            return rows, started - self.requests.window_s
+        return rows, found[-1].created_at.timestamp()
+
+    def _stored_request(self, client_id: str, request_id: str) -> RequestEntry | None:
+        from sqlalchemy import select
+
+        from tasks.core.db.engine import session_scope
+        from tasks.core.db.models import Interaction
+
+        with session_scope(self.engine) as session:
+            found = session.execute(
+                select(Interaction.id, Interaction.status, Interaction.created_at)
+                .where(Interaction.client_id == client_id,
+                       Interaction.request_id == request_id)
+            ).first()
+        if found is None:
+            return None
+        return RequestEntry(found.id, found.created_at.timestamp(), found.status)
+
+    def _stored_answer(self, interaction_id: str) -> tuple[str, datetime] | None:
+        from sqlalchemy import select
+
+        from tasks.core.db.engine import session_scope
+        from tasks.core.db.models import Interaction
+
+        with session_scope(self.engine) as session:
+            found = session.execute(
+                select(Interaction.response, Interaction.created_at)
+                .where(Interaction.id == interaction_id, Interaction.status == "ok")
+            ).first()
+        return None if found is None else (found.response, found.created_at)
+
+    async def claim_request_id(self, client_id: str, request_id: str, interaction_id: str,
+                               *, stream: bool) -> Response | None:
+        """None when `request_id` is new for this client (it now names `interaction_id`, in
+        flight); else the answer to a replay: the stored answer, or a 409."""
+        key = (client_id, request_id)
+        entry = self.requests.get(key)
+        if entry is None and self.requests.might_exist(time.time()):
+            try:
+                found = await asyncio.wait_for(
+                    asyncio.to_thread(self._stored_request, client_id, request_id),
+                    self.config.db_wait_s)
+            except Exception as exc:  # noqa: BLE001 - availability first: served as new
+                log.warning("router: request id lookup failed, serving it as new: %s",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                found = None
+            entry = self.requests.get(key)  # claimed while this request waited?
+            if entry is None and found is not None:
+                entry = found
+                self.requests.put(key, found)
+        if entry is None:
+            self.requests.put(key, RequestEntry(interaction_id, time.time()))
+            return None
+        return await self._replay(entry, request_id, stream=stream)
+
+    async def _replay(self, entry: RequestEntry, request_id: str, *, stream: bool) -> Response:
+        headers = {HEADER_INTERACTION: entry.interaction_id}
+        if entry.status is None:
+            return error_response(
+                409, f"the request with X-Request-Id {request_id!r} is still in flight; retry "
+                "once it is answered", param="x-request-id", code="request_in_flight",
+                headers={**headers, "Retry-After": "1"})
+        if entry.status != "ok":
+            return error_response(
+                409, f"the request with X-Request-Id {request_id!r} failed ({entry.status}); "
+                "send a new X-Request-Id to try again", param="x-request-id",
+                code="request_failed", headers=headers)
+        if self.log.is_pending(entry.interaction_id):
+            await asyncio.to_thread(self.log.wait_written, entry.interaction_id, 5.0)
+        try:
+            stored = await asyncio.wait_for(
+                asyncio.to_thread(self._stored_answer, entry.interaction_id),
+                self.config.db_wait_s)
+        except Exception as exc:  # noqa: BLE001 - the database is down: say when to retry
+            log.warning("router: cannot read the stored answer of %s: %s", entry.interaction_id,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return error_response(
+                503, "the stored answer cannot be read right now; retry later",
+                type_="api_error", code="database_unavailable",
+                headers={**headers, "Retry-After": "5"})
+        if stored is None:
+            return error_response(
+                409, f"the answer to X-Request-Id {request_id!r} was not stored; send a new "
+                "X-Request-Id to try again", param="x-request-id", code="request_failed",
+                headers=headers)
+        text, created_at = stored
+        completion = stored_completion(interaction_id=entry.interaction_id,
+                                       created=int(created_at.timestamp()),
+                                       model=self.config.public_model, text=text)
+        if not stream:
+            return Response(json.dumps(completion).encode(), media_type="application/json",
+                            headers=headers)
+        chunk = completion_chunk(completion_id=completion["id"], created=completion["created"],
+                                 model=completion["model"], fingerprint="",
+                                 choices=[chunk_choice({"role": "assistant", "content": text},
+                                                       "stop")])
+        body = (sse_event({**chunk, "interaction_id": entry.interaction_id})
+                + sse_event(SSE_DONE)).encode()
+        return Response(body, media_type="text/event-stream",
+                        headers={**headers, "Cache-Control": "no-cache"})
 
     # -- proxying --
     def _backend_headers(self, variant: str) -> dict[str, str]:
@@ -217,18 +536,19 @@ class Router:
                                           self.config.backends[variant].timeout_s)
 
     def start_mirror(self, *, payload: dict[str, Any], parent_id: str, user_hash: str,
-                     state: RoutingState, context: dict[str, Any],
+                     client_id: str | None, state: RoutingState, context: dict[str, Any],
                      messages: list[Any]) -> None:
         if self._mirror_slots <= 0:
             self.mirror_skipped += 1
             return
         self._mirror_slots -= 1
         self._spawn(self._mirror(payload=payload, parent_id=parent_id, user_hash=user_hash,
-                                 state=state, context=context, messages=messages),
+                                 client_id=client_id, state=state, context=context,
+                                 messages=messages),
                     loop_task=False)
 
     async def _mirror(self, *, payload: dict[str, Any], parent_id: str, user_hash: str,
-                      state: RoutingState, context: dict[str, Any],
+                      client_id: str | None, state: RoutingState, context: dict[str, Any],
                       messages: list[Any]) -> None:
         started = time.perf_counter()
         copy = {k: v for k, v in payload.items() if k not in ("stream", "stream_options")}
@@ -245,13 +565,13 @@ class Router:
             status, error = "backend_error", f"{type(exc).__name__}: {exc}"
         finally:
             self._mirror_slots += 1
-        self.log.submit(interaction_row(
+        self.record(interaction_row(
             id=stable_id("mirror", parent_id), user_hash=user_hash,
             deployment_id=state.deployment_id, variant="mirror",
             model_name=copy["model"], model_version=state.versions["challenger"],
             context=context, request_messages=messages, response=text,
             latency_ms=(time.perf_counter() - started) * 1000.0, mirror_of=parent_id,
-            status=status, error=error,
+            status=status, error=error, client_id=client_id,
         ))
 
 
@@ -290,33 +610,41 @@ class _RouterApp(FastAPI):
 
 
 async def _chat_completions(router: Router, request: Request) -> Any:
-    """POST /v1/chat/completions: authenticate, validate, rate-limit, route, forward."""
+    """POST /v1/chat/completions: authenticate, validate, rate-limit, replay or route, forward."""
     # The hot path reads headers and validates the body itself: FastAPI's per-request
     # parameter resolution cost about a third of the router's CPU per request. The OpenAPI
     # document still describes the body and headers (_CHAT_OPENAPI).
     started = time.perf_counter()
     headers = request.headers
-    key_id = router.authenticate_header(headers.get("authorization"))
-    if key_id is None:
-        return unauthorized()
-    data, body = await validated_body(request, ChatCompletionRequest)
+    config = router.config
+    client_id = router.client_of(router.authenticate_header(headers.get("authorization")))
+    data, body = await validated_body(request, ChatCompletionRequest, config.max_body_bytes)
+    over_limit = message_limit_errors(body, max_messages=config.max_messages,
+                                      max_content_chars=config.max_content_chars)
+    if over_limit:
+        raise RequestValidationError(over_limit)
     x_user_id = checked_header(headers, "x-user-id", 256)
-    x_request_id = checked_header(headers, "x-request-id", 200)
+    request_id = checked_header(headers, "x-request-id", 200) or None
     user_id = body.user or x_user_id
-    user_hash = hash_user(user_id if user_id else f"anon:{_random_id()}", router._salt)
-    limited = router.rate_limited(key_id, user_hash if user_id else None)
+    user_hash = hash_user(user_id if user_id else f"anon:{secrets.token_hex(16)}", router._salt)
+    limited = router.rate_limited(client_id, user_hash if user_id else None)
     if limited is not None:
         return limited
-    public_model = router.config.public_model
+    public_model = config.public_model
     if body.model != public_model:
         return error_response(
             404, f"The model {body.model!r} does not exist; use {public_model!r}",
             param="model", code="model_not_found")
 
+    # Never derived from X-Request-Id (a client-chosen value): unguessable, whoever asks.
+    interaction_id = secrets.token_hex(16)
+    if request_id is not None:
+        replay = await router.claim_request_id(client_id, request_id, interaction_id,
+                                               stream=body.stream)
+        if replay is not None:
+            return replay
     state = router.resolver.state
     variant = choose_variant(user_hash, state.mode, state.share)
-    interaction_id = (stable_id("interaction", key_id, x_request_id) if x_request_id
-                      else _random_id())
     payload = dict(data)  # passed through as sent (unknown OpenAI fields included)
     payload.pop("user", None)  # never forward the raw user id to a backend
     if body.max_tokens is not None:
@@ -327,16 +655,27 @@ async def _chat_completions(router: Router, request: Request) -> Any:
         "params": {k: v for k, v in payload.items()
                    if k not in ("model", "messages", "metadata", "stream")},
     }
+    if not user_id:
+        context["anonymous"] = True  # its user_hash is random: reactions cannot name the user
     if body.metadata:
         context["metadata"] = body.metadata
     row_base = {"id": interaction_id, "user_hash": user_hash,
                 "deployment_id": state.deployment_id, "request_messages": messages,
-                "context": context, "stream": body.stream}
+                "context": context, "stream": body.stream, "client_id": client_id,
+                "request_id": request_id}
     # Mirror copies the requests of users below `share` (share 1.0: every request).
     mirror = state.mode == "mirror" and user_bucket(user_hash) < state.share
-    if body.stream:
-        return await proxy_stream(router, state, variant, payload, row_base, started, mirror)
-    return await proxy_completion(router, state, variant, payload, row_base, started, mirror)
+    try:
+        if body.stream:
+            return await proxy_stream(router, state, variant, payload, row_base, started,
+                                      mirror)
+        return await proxy_completion(router, state, variant, payload, row_base, started,
+                                      mirror)
+    except BaseException:
+        # Nothing was recorded for it (cancelled, or a bug): a retry may run it afresh.
+        if request_id is not None:
+            router.requests.forget((client_id, request_id), interaction_id)
+        raise
 
 
 def create_router_app(config: RouterConfig | None = None, *, engine: Any = None) -> FastAPI:
@@ -351,6 +690,7 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await router.start()
+        router._spawn(router.load_request_ids())  # in the background: never holds start-up
         if config.gc_freeze:
             # Everything imported and built at start-up (FastAPI, pydantic, SQLAlchemy, MLflow's
             # client) is long-lived: move it out of the collector's reach, so a full collection
@@ -377,27 +717,32 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
         # behind the key).
         return {"status": "ok"}
 
-    @api.get("/models", response_model=ModelList, responses={401: ERROR_RESPONSES[401]},
-             tags=["openai"])
+    @api.get("/models", response_model=ModelList,
+             responses={401: ERROR_RESPONSES[401], 403: ERROR_RESPONSES[403]}, tags=["openai"])
     async def list_models(
         credentials: HTTPAuthorizationCredentials | None = BEARER,
     ) -> Any:
-        if router.authenticate(credentials) is None:
-            return unauthorized()
+        router.client_of(router.authenticate(credentials))
         return ModelList(data=[ModelCard(id=config.public_model)])
 
-    @api.get("/router/state", responses={401: ERROR_RESPONSES[401]}, tags=["ops"])
+    @api.get("/router/state", responses={401: ERROR_RESPONSES[401], 403: ERROR_RESPONSES[403]},
+             tags=["ops"])
     async def router_state(
         credentials: HTTPAuthorizationCredentials | None = BEARER,
     ) -> Any:
-        if router.authenticate(credentials) is None:
-            return unauthorized()
+        """What the router serves (deployment, versions, routing), its log counters and its
+        clients' names: the admin key only."""
+        router.require_admin(router.authenticate(credentials))
         return {"routing": router.resolver.state.as_dict(), "log": router.log.stats(),
-                "mirror_skipped": router.mirror_skipped}
+                "mirror_skipped": router.mirror_skipped, "clients": sorted(config.clients),
+                "request_ids_held": len(router.requests),
+                "recent_interactions_held": len(router.recent)}
 
     @api.post(
         "/chat/completions", tags=["openai"],
         responses={**ERROR_RESPONSES, 404: {"model": ErrorResponse, "description": "unknown model"},
+                   409: {"model": ErrorResponse, "description": "a replayed X-Request-Id whose "
+                         "first request is still in flight, or failed"},
                    200: {"description": "a chat completion (JSON) or an SSE stream",
                          "content": {"text/event-stream": {}}}},
         openapi_extra=_CHAT_OPENAPI,
@@ -412,16 +757,8 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
     api.include_router(reactions_router(router))
     app.include_router(api)
     app.fast_routes = {("POST", "/v1/chat/completions"): chat_completions}
-    _pin_public_model_in_schema(app, config.public_model)
+    _pin_public_model_in_schema(app, config)
     return app
-
-
-_ID_RANDOM = random.Random(int.from_bytes(os.urandom(16), "big"))
-
-
-def _random_id() -> str:
-    """A 128-bit random hex id (interaction ids are unique, not secret: no syscall per id)."""
-    return f"{_ID_RANDOM.getrandbits(128):032x}"
 
 
 _CHAT_OPENAPI: dict[str, Any] = {
@@ -432,16 +769,19 @@ _CHAT_OPENAPI: dict[str, Any] = {
          "description": "the end user (when the body has no `user`): sticky routing key",
          "schema": {"type": "string", "maxLength": 256}},
         {"name": "x-request-id", "in": "header", "required": False,
-         "description": "a client retry with the same id is logged as the same interaction",
+         "description": "names this request among the client's own: a retry with the same id "
+         "returns the stored answer (same X-Interaction-Id), or 409 while the first is in "
+         "flight or when it failed",
          "schema": {"type": "string", "maxLength": 200}},
     ],
     "security": [{"HTTPBearer": []}],
 }
 
 
-def _pin_public_model_in_schema(app: FastAPI, public_model: str) -> None:
-    """Add the chat request schema (validated by hand, so FastAPI does not know it) and
-    advertise the one accepted model id as an enum, so generated clients and fuzzers send it."""
+def _pin_public_model_in_schema(app: FastAPI, config: RouterConfig) -> None:
+    """Add the chat request schema (validated by hand, so FastAPI does not know it), advertise
+    the one accepted model id as an enum, so generated clients and fuzzers send it, and the
+    configured message limits."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -452,7 +792,10 @@ def _pin_public_model_in_schema(app: FastAPI, public_model: str) -> None:
                 ref_template="#/components/schemas/{model}")
             components.update(request_schema.pop("$defs", {}))
             components["ChatCompletionRequest"] = request_schema
-            request_schema["properties"]["model"]["enum"] = [public_model]
+            request_schema["properties"]["model"]["enum"] = [config.public_model]
+            request_schema["properties"]["messages"]["maxItems"] = config.max_messages
+            message = components["ChatMessage"]["properties"]
+            message["content"]["maxLength"] = config.max_content_chars
             reaction_schema = ReactionIn.model_json_schema(
                 ref_template="#/components/schemas/{model}")
             components.update(reaction_schema.pop("$defs", {}))

@@ -1,17 +1,27 @@
-"""The router's configuration: `RouterConfig` (backends, registered model, keys, salt, limits,
-log batching) with one `BackendConfig` per variant, filled from the environment by
-`RouterConfig.from_settings()`; the variant and mode names, the presets for how a registered
-version is named on a backend, and `RouterError`, raised when the router cannot start or serve.
+"""The router's configuration: `RouterConfig` (backends, registered model, named API clients and
+the admin key — stored as digests, never the keys — salt, rate and request limits, replay and
+reaction windows, log batching) with one `BackendConfig` per variant, filled from the
+environment by `RouterConfig.from_settings()`; `key_digest`, how a key is stored
+("sha256:<hex>"); the variant and mode names, the presets for how a registered version is named
+on a backend, and `RouterError`, raised when the router cannot start or serve.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from tasks.core.configs import http_url
-from tasks.core.settings import DEFAULT_LOCAL_MODEL, Settings, get_settings
+from tasks.core.settings import (
+    CLIENT_DIGEST,
+    DEFAULT_LOCAL_MODEL,
+    MAKE_A_SECRET,
+    Settings,
+    get_settings,
+)
+from tasks.core.settings import key_digest as key_digest  # re-exported: one definition, in core
 
 VARIANTS = ("champion", "challenger")
 MODES = ("canary", "mirror", "off")
@@ -26,6 +36,13 @@ MODEL_TEMPLATES = {
     "openai": "{base_model}",  # hosted: one fixed (fine-tuned) model id per backend
 }
 _TEMPLATE_FIELDS = {"base_model": "b", "registered_model_name": "m", "version": "1"}
+
+# A client name is what interactions and reactions store as client_id (64 characters at most).
+CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+LEGACY_CLIENT = "default"  # the client TUNELOOP_ROUTER_API_KEY (and `api_keys`) stands for
+_MAKE_CLIENT = ("make one with `tuneloop secrets client NAME` (it prints the key once and the "
+                "TUNELOOP_ROUTER_CLIENTS entry with its digest), or by hand: key=$(" + MAKE_A_SECRET
+                + ") and store \"sha256:\" + the hex SHA-256 of the key, never the key itself")
 
 
 class RouterError(RuntimeError):
@@ -90,12 +107,22 @@ class BackendConfig(BaseModel):
 class RouterConfig(BaseModel):
     """Everything the router needs; `RouterConfig.from_settings()` fills it from the env."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Errors never echo what was given: a mistaken clients entry is often a raw key.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     backends: dict[str, BackendConfig]
     registered_model_name: str
     public_model: str = ""  # the model id clients send; defaults to registered_model_name
-    api_keys: list[SecretStr]
+    # Named API clients: name -> key_digest(key) ("sha256:<64 hex>"). The name is the identity
+    # stored as client_id on interactions and reactions, and the unit of the key rate limit.
+    clients: dict[str, str] = Field(default_factory=dict)
+    # Raw keys of the one-key set-up (TUNELOOP_ROUTER_API_KEY): each is one more client, the
+    # first named "default", then "default-2", ... (for tests and scripts; deployments use
+    # `clients`).
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    # key_digest(admin key): the control routes (GET /v1/router/state) take this key and no
+    # client key. None: no admin key, the control routes answer 401/403 to everyone.
+    admin_key_sha256: str | None = None
     user_hash_salt: SecretStr
     database_url: str | None = None  # None: tasks.core.db.engine.get_engine()
     tracking_uri: str | None = None  # None: settings.resolved_mlflow_tracking_uri
@@ -108,6 +135,23 @@ class RouterConfig(BaseModel):
     # `user` cannot lift it. 0 disables.
     key_rate_limit_per_s: float = 1000.0
     key_rate_limit_burst: int = 2000
+    # Request limits: a larger body is a 413; more messages, or a longer message, a 422.
+    max_body_bytes: int = 1_000_000
+    max_messages: int = 256
+    max_content_chars: int = 100_000
+    # A reaction is accepted within this many seconds of its interaction.
+    reaction_window_s: float = 7 * 24 * 3600.0
+    # How long a request waits on a database read (a reaction's check, a request id's lookup,
+    # a replayed answer) before it takes the outage path: a reaction is checked against the
+    # recent interactions held in memory and queued by the log; a request id is taken as new.
+    db_wait_s: float = 3.0
+    # X-Request-Id replays: how long a client's request id names its interaction for a retry,
+    # and how many (client, request id) pairs the router holds in memory (beyond them, or
+    # before it loaded the recent ones, an id not in memory is looked up in the database).
+    request_id_window_s: float = 24 * 3600.0
+    request_ids_max: int = 100_000
+    # Interactions held in memory for the reactions outage path (client, user, time, variant).
+    recent_interactions_max: int = 100_000
     log_batch_size: int = 256
     log_flush_interval_s: float = 0.2
     log_queue_max: int = 100_000
@@ -133,15 +177,47 @@ class RouterConfig(BaseModel):
         value.setdefault("challenger", value["champion"])
         return value
 
+    @field_validator("clients")
+    @classmethod
+    def _clients(cls, value: dict[str, str]) -> dict[str, str]:
+        clients = {}
+        for name, digest in value.items():
+            if not CLIENT_NAME.fullmatch(name):
+                raise ValueError(
+                    f"TUNELOOP_ROUTER_CLIENTS: client name {name[:80]!r} is not 1-64 letters, "
+                    "digits, '_', '.' or '-' (starting with a letter or digit); rename it, "
+                    "e.g. {\"web\": \"sha256:...\"}")
+            normalized = str(digest).strip().lower()
+            if not CLIENT_DIGEST.fullmatch(normalized):
+                # The value is not echoed: a mistake here is often the raw key itself.
+                raise ValueError(
+                    f"TUNELOOP_ROUTER_CLIENTS: client {name!r} is not stored as "
+                    f"sha256:<64 hex digits> of its key; {_MAKE_CLIENT}")
+            clients[name] = normalized
+        return clients
+
+    @field_validator("admin_key_sha256")
+    @classmethod
+    def _admin_digest(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        normalized = value.strip().lower()
+        if not CLIENT_DIGEST.fullmatch(normalized):
+            raise ValueError(
+                "admin_key_sha256 is not sha256:<64 hex digits>; build it with "
+                "serving.router_config.key_digest(<the TUNELOOP_ROUTER_ADMIN_KEY value>)")
+        return normalized
+
     @field_validator("api_keys")
     @classmethod
     def _keys(cls, value: list[SecretStr]) -> list[SecretStr]:
-        if not value or any(not k.get_secret_value() for k in value):
-            raise ValueError("api_keys needs at least one non-empty key; set "
-                             "TUNELOOP_ROUTER_API_KEY=<a long random string>")
+        if any(not k.get_secret_value() for k in value):
+            raise ValueError("api_keys holds an empty key; set TUNELOOP_ROUTER_API_KEY=<a long "
+                             f"random string> ({MAKE_A_SECRET}) or leave it out")
         return value
 
-    @field_validator("alias_ttl_s", "deployment_ttl_s", "log_flush_interval_s")
+    @field_validator("alias_ttl_s", "deployment_ttl_s", "log_flush_interval_s",
+                     "reaction_window_s", "db_wait_s", "request_id_window_s")
     @classmethod
     def _positive_seconds(cls, value: float) -> float:
         if value <= 0:
@@ -156,7 +232,9 @@ class RouterConfig(BaseModel):
         return value
 
     @field_validator("rate_limit_burst", "key_rate_limit_burst", "log_batch_size",
-                     "log_queue_max", "mirror_max_in_flight", "max_connections")
+                     "log_queue_max", "mirror_max_in_flight", "max_connections",
+                     "max_body_bytes", "max_messages", "max_content_chars", "request_ids_max",
+                     "recent_interactions_max")
     @classmethod
     def _positive_int(cls, value: int) -> int:
         if value < 1:
@@ -169,24 +247,63 @@ class RouterConfig(BaseModel):
             self.public_model = self.registered_model_name
         return self
 
+    @model_validator(mode="after")
+    def _one_key_per_identity(self) -> RouterConfig:
+        """Fold `api_keys` into `clients`; every client (and the admin) needs a key of its own."""
+        for index, key in enumerate(self.api_keys):
+            name = LEGACY_CLIENT if index == 0 else f"{LEGACY_CLIENT}-{index + 1}"
+            digest = key_digest(key.get_secret_value())
+            if self.clients.get(name, digest) != digest:
+                raise ValueError(
+                    f"TUNELOOP_ROUTER_CLIENTS names a client {name!r}, and "
+                    f"TUNELOOP_ROUTER_API_KEY is the client {name!r} too; rename the one in "
+                    "TUNELOOP_ROUTER_CLIENTS or unset TUNELOOP_ROUTER_API_KEY")
+            self.clients[name] = digest
+        if not self.clients:
+            raise ValueError(
+                "the router has no API client; set TUNELOOP_ROUTER_CLIENTS='{\"web\": "
+                "\"sha256:<hex>\"}' (" + _MAKE_CLIENT + "), or TUNELOOP_ROUTER_API_KEY")
+        # The router finds a key by the first 8 bytes of its digest, then compares all 32.
+        owners: dict[str, str] = {}
+        identities = [*(f"client {name!r}" for name in self.clients), "TUNELOOP_ROUTER_ADMIN_KEY"]
+        for identity, digest in zip(identities, [*self.clients.values(), self.admin_key_sha256],
+                                    strict=True):
+            if digest is None:
+                continue
+            other = owners.setdefault(digest[:23], identity)  # "sha256:" + 16 hex digits
+            if other != identity:
+                raise ValueError(
+                    f"TUNELOOP_ROUTER_CLIENTS: {other} and {identity} have the same key; "
+                    f"give each its own (the key is the identity), {_MAKE_CLIENT}")
+        return self
+
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides: Any) -> RouterConfig:
         """Backends from TUNELOOP_ROUTER_{CHAMPION,CHALLENGER}_BASE_URL (default: the local
-        model server), keys/salt/registered model from settings; `overrides` win."""
+        model server, called with TUNELOOP_MODEL_SERVER_API_KEY), clients from
+        TUNELOOP_ROUTER_CLIENTS (+ TUNELOOP_ROUTER_API_KEY as "default"), the admin key,
+        limits, salt and registered model from settings; `overrides` win."""
         settings = settings or get_settings()
         template = settings.router_model_template
         champion_url = settings.router_champion_base_url or settings.local_model_server_url
         challenger_url = settings.router_challenger_base_url
+        backend_key = settings.model_server_api_key
+        admin_key = settings.router_admin_key.get_secret_value()
         values: dict[str, Any] = {
             "backends": {
                 "champion": BackendConfig(base_url=champion_url, model_template=template,
-                                          base_model=settings.llm_model),
+                                          base_model=settings.llm_model, api_key=backend_key),
                 "challenger": BackendConfig(base_url=challenger_url or champion_url,
                                             model_template=template,
-                                            base_model=settings.llm_model),
+                                            base_model=settings.llm_model, api_key=backend_key),
             },
             "registered_model_name": settings.registered_model_name,
-            "api_keys": [settings.router_api_key],
+            "clients": settings.router_client_digests(),
+            "admin_key_sha256": key_digest(admin_key) if admin_key else None,
+            "max_body_bytes": settings.router_max_body_bytes,
+            "max_messages": settings.router_max_messages,
+            "max_content_chars": settings.router_max_content_chars,
+            "reaction_window_s": settings.router_reaction_window_s,
             "user_hash_salt": settings.user_hash_salt,
             "database_url": settings.database_url,
             "tracking_uri": settings.resolved_mlflow_tracking_uri,

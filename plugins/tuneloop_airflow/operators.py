@@ -10,11 +10,24 @@ GPU request.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from airflow.sdk import BaseOperator
 
 BACKENDS = ("docker", "kubernetes")
+
+
+def mlflow_login(settings: Any) -> dict[str, str]:
+    """The MLflow client credentials a container needs to log to an MLflow server with auth."""
+    env = {}
+    if settings.mlflow_tracking_username:
+        env["MLFLOW_TRACKING_USERNAME"] = settings.mlflow_tracking_username
+    for name, value in (("MLFLOW_TRACKING_PASSWORD", settings.mlflow_tracking_password),
+                        ("MLFLOW_TRACKING_TOKEN", settings.mlflow_tracking_token)):
+        if value is not None:
+            env[name] = value.get_secret_value()
+    return env
 
 
 class ContainerTrainerOperator(BaseOperator):
@@ -47,14 +60,21 @@ class ContainerTrainerOperator(BaseOperator):
                 return path and host_path(path, settings.data_dir, settings.host_data_dir)
 
             uri = settings.resolved_mlflow_tracking_uri
+            remote_mlflow = uri.startswith(("http://", "https://"))
             kwargs = docker_trainer_kwargs(
                 prepared["container_config_path"], image=settings.trainer_image,
                 host_output_dir=on_host(prepared["host_output_dir"]),
                 host_config_dir=on_host(prepared["host_config_dir"]),
                 host_model_dir=on_host(prepared.get("host_model_dir")),
                 network_mode=settings.trainer_network,
-                mlflow_tracking_uri=uri if uri.startswith(("http://", "https://")) else None,
+                mlflow_tracking_uri=uri if remote_mlflow else None,
+                # The trainer image is unprivileged; run it as this (the Airflow) user with
+                # group 0, so what it writes on the host belongs to the Airflow user.
+                user=f"{os.getuid()}:0",
             )
+            if remote_mlflow:  # the MLflow login: private_environment is never rendered
+                kwargs["private_environment"] = {**kwargs.get("private_environment", {}),
+                                                 **mlflow_login(settings)}
             return DockerOperator(task_id=f"{self.task_id}__docker", **kwargs)
         from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 

@@ -4,6 +4,7 @@ service, each calling the same stage functions its DAG calls with the same confi
     data       migrate, generate, tag, curate, build-reaction-dataset, scrub
     model      train (+ register), evaluate, shadow-deploy, shadow-compare, adapters
     services   serve-model, serve-router, demo
+    security   secrets (init a production .env, add/revoke router clients, check)
 
 Each command prints a one-line JSON summary on stdout and logs on stderr; `tuneloop <command>
 --help` shows its flags (the DAG's Params) and examples. A bad flag value fails before any work
@@ -17,7 +18,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from tasks.cli import data, model, services, shadow
+from tasks.cli import data, model, secrets, services, shadow
 from tasks.cli.common import (
     EXIT_FAILED,
     EXIT_STATUS_HELP,
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.register(sub, parents)
     shadow.register(sub, parents)
     services.register(sub, parents)  # ..., adapters, serve-model, serve-router, demo
+    secrets.register(sub, parents)
     parser.set_defaults(commands=sub.choices)
     return parser
 

@@ -5,15 +5,38 @@ Unset values fall back to embedded, offline defaults: an embedded PostgreSQL (pg
 the data directory, a local MLflow store with a model registry, and the local SmolLM2 model
 server for every LLM role. A wrong value fails at start with a message naming the variable and
 an example of a right one.
+
+TUNELOOP_ENV=production (what docker-compose.yaml sets) refuses to start on a secret that is
+unset, a publicly known default or too short: every service, DAG task and CLI command builds its
+settings here, so none can run with the development keys. The checks, all reported at once:
+
+- always: TUNELOOP_USER_HASH_SALT, TUNELOOP_ROUTER_ADMIN_KEY, the router's client keys
+  (TUNELOOP_ROUTER_CLIENTS digests, or TUNELOOP_ROUTER_API_KEY), TUNELOOP_MODEL_SERVER_API_KEY,
+  TUNELOOP_MODEL_SERVER_ADMIN_KEY, TUNELOOP_REGISTRY_SIGNING_KEY, TUNELOOP_LLM_API_KEY (and
+  the per-role keys) when it is the model server's development key, the DATABASE_URL password;
+- in an Airflow process (one with AIRFLOW__DATABASE__SQL_ALCHEMY_CONN, or its _CMD / _SECRET
+  form, set: every Airflow component needs its metadata database, while AIRFLOW_HOME is set in
+  every container of the Airflow image, the router's too): AIRFLOW__API_AUTH__JWT_SECRET,
+  AIRFLOW__CORE__FERNET_KEY and, where set, AIRFLOW_ADMIN_PASSWORD;
+- with an http(s) MLFLOW_TRACKING_URI: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (the
+  MLflow basic-auth app's client login), or MLFLOW_TRACKING_TOKEN.
+
+`tuneloop secrets init` writes a .env with a fresh value for each; `tuneloop secrets check` runs
+the checks without starting anything.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     Field,
     SecretStr,
@@ -38,6 +61,107 @@ DEV_MODEL_SERVER_API_KEY = "tuneloop-local"
 DEV_MODEL_SERVER_ADMIN_KEY = "tuneloop-local-admin"
 DEV_REGISTRY_SIGNING_KEY = "tuneloop-dev-registry-key"
 MAKE_A_SECRET = "python -c 'import secrets; print(secrets.token_hex(32))'"
+MAKE_A_FERNET_KEY = ("python -c 'from cryptography.fernet import Fernet; "
+                     "print(Fernet.generate_key().decode())'")
+# Shortest accepted secret key / password in production (MLflow's own password minimum is 12).
+MIN_SECRET_CHARS = 16
+MIN_PASSWORD_CHARS = 12
+# Publicly known values no production deployment may run with: tuneloop's development keys, the
+# placeholder of the compose file tuneloop grew from, Airflow's and MLflow's defaults.
+KNOWN_DEFAULT_SECRETS = frozenset({
+    DEV_USER_HASH_SALT, DEV_ROUTER_API_KEY, DEV_ROUTER_ADMIN_KEY, DEV_MODEL_SERVER_API_KEY,
+    DEV_MODEL_SERVER_ADMIN_KEY, DEV_REGISTRY_SIGNING_KEY, "tuneloop-dev-salt",
+    "change-me-in-production", "{JWT_SECRET_KEY}", "{FERNET_KEY}",  # Airflow config templates
+    "admin", "airflow", "password", "password1234", "changeme", "secret",  # Airflow, MLflow
+    "tuneloop", "postgres",  # the database passwords compose used to default to
+})
+# A router client's stored key: "sha256:" + the hex SHA-256 of the key (key_digest()).
+CLIENT_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# Set in every Airflow component (each needs its metadata database) and in no tuneloop service.
+AIRFLOW_PROCESS_VARIABLES = ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+                             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD",
+                             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_SECRET")
+_DEV_SECRETS = frozenset({DEV_USER_HASH_SALT, DEV_ROUTER_API_KEY, DEV_ROUTER_ADMIN_KEY,
+                          DEV_MODEL_SERVER_API_KEY, DEV_MODEL_SERVER_ADMIN_KEY,
+                          DEV_REGISTRY_SIGNING_KEY})
+_FRESH_SECRET = (f"set a fresh one: `tuneloop secrets init` writes all of them into .env, or "
+                 f"{MAKE_A_SECRET}")
+_FRESH_PASSWORD = (f"set a fresh one of {MIN_PASSWORD_CHARS}+ characters: `tuneloop secrets "
+                   f"init` writes all of them into .env, or {MAKE_A_SECRET}")
+
+
+def key_digest(key: str) -> str:
+    """How a router client key is stored (TUNELOOP_ROUTER_CLIENTS): "sha256:<hex>"."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password (and any query string, which may carry tokens) masked, for logs
+    and errors: postgresql://user:***@host/db. Not a URL: returned as it is."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable URL>"
+    if not parts.scheme or not parts.netloc:
+        return url
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostinfo}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+
+
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^:/?#@\s]*):[^/\s]+@")
+
+
+def redact_urls_in(text: str) -> str:
+    """`text` (an error message, a log line) with the password of every URL in it masked."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
+def url_origin(url: str) -> str:
+    """Only scheme://host[:port] of `url`: for URLs whose path is itself a secret (a Slack or
+    Teams webhook)."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "<unparsable URL>"
+    if not parts.scheme or not host:
+        return "<not a URL>"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port else "")
+
+
+def _secret_problem(value: str | None, *, min_chars: int = MIN_SECRET_CHARS,
+                    defaults: Iterable[str] = KNOWN_DEFAULT_SECRETS) -> str | None:
+    """Why `value` is not a production secret (None: it is one)."""
+    if not value:
+        return "is unset"
+    if value in _DEV_SECRETS:
+        return "is the development default (public: it is in tuneloop's source)"
+    if value in set(defaults):
+        return "is a publicly known default"
+    if len(value) < min_chars:
+        return f"is shorter than {min_chars} characters"
+    return None
+
+
+def _plain(value: SecretStr | str | None) -> str | None:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def _in_production(info: ValidationInfo) -> bool:
+    return info.data.get("env") == "production"
+
+
+def _require_secret(value: SecretStr | str | None, info: ValidationInfo, *,
+                    min_chars: int = MIN_SECRET_CHARS, fix: str = _FRESH_SECRET) -> None:
+    if not _in_production(info):
+        return
+    problem = _secret_problem(_plain(value), min_chars=min_chars)
+    if problem:
+        raise ValueError(f"{problem}, and TUNELOOP_ENV=production; {fix}")
 
 
 class SettingsError(ValueError):
@@ -88,7 +212,8 @@ class Settings(BaseSettings):
     # Default LLM endpoint for every role; each role may override base_url/model/api_key.
     llm_base_url: str | None = None
     llm_model: str = DEFAULT_LOCAL_MODEL
-    llm_api_key: SecretStr = SecretStr("tuneloop-local")
+    llm_api_key: SecretStr = Field(default=SecretStr(DEV_MODEL_SERVER_API_KEY),
+                                   validate_default=True)
     llm_timeout_s: float = 120.0
     llm_max_concurrency: int = 16
     llm_fallback_base_urls: list[str] = Field(default_factory=list)
@@ -115,7 +240,8 @@ class Settings(BaseSettings):
     model_server_host: str = "127.0.0.1"
     model_server_port: int = DEFAULT_MODEL_SERVER_PORT
     router_port: int = DEFAULT_ROUTER_PORT
-    router_api_key: SecretStr = SecretStr(DEV_ROUTER_API_KEY)
+    router_api_key: SecretStr = Field(default=SecretStr(DEV_ROUTER_API_KEY),
+                                      validate_default=True)
     # Router backends (default: the local model server) and how versions are named on them:
     # a preset (local | vllm | ollama | openai) or a format string, see serving.router_config.
     router_champion_base_url: str | None = None
@@ -130,8 +256,9 @@ class Settings(BaseSettings):
     # Named API clients: {"web": "sha256:<hex of the key>", ...} (JSON); each client has its own
     # key, stored hashed (`tuneloop secrets client NAME` makes one). TUNELOOP_ROUTER_API_KEY,
     # when set, is one more client named "default". The admin key guards the control routes.
-    router_clients: dict[str, str] = Field(default_factory=dict)
-    router_admin_key: SecretStr = SecretStr(DEV_ROUTER_ADMIN_KEY)
+    router_clients: dict[str, str] = Field(default_factory=dict, validate_default=True)
+    router_admin_key: SecretStr = Field(default=SecretStr(DEV_ROUTER_ADMIN_KEY),
+                                        validate_default=True)
     # Request limits: a larger body is a 413, more messages or a longer message a 422.
     router_max_body_bytes: int = 1_000_000
     router_max_messages: int = 256
@@ -141,8 +268,10 @@ class Settings(BaseSettings):
     router_reaction_window_s: float = 7 * 24 * 3600.0
     # The local model server's keys: every route but liveness needs the API key; adapter
     # registration and removal need the admin key.
-    model_server_api_key: SecretStr = SecretStr(DEV_MODEL_SERVER_API_KEY)
-    model_server_admin_key: SecretStr = SecretStr(DEV_MODEL_SERVER_ADMIN_KEY)
+    model_server_api_key: SecretStr = Field(default=SecretStr(DEV_MODEL_SERVER_API_KEY),
+                                            validate_default=True)
+    model_server_admin_key: SecretStr = Field(default=SecretStr(DEV_MODEL_SERVER_ADMIN_KEY),
+                                              validate_default=True)
     # Outages: interaction and reaction rows spool here (bounded) while Postgres is down, and
     # are replayed when it is back (default <data_dir>/spool).
     spool_dir: Path | None = None
@@ -155,7 +284,8 @@ class Settings(BaseSettings):
     mlflow_http_max_retries: int = 2
     # Registry versions the router serves carry an HMAC of their registration tags made with
     # this key; a version without a valid one is never served.
-    registry_signing_key: SecretStr = SecretStr(DEV_REGISTRY_SIGNING_KEY)
+    registry_signing_key: SecretStr = Field(default=SecretStr(DEV_REGISTRY_SIGNING_KEY),
+                                            validate_default=True)
     # Raw interaction text (prompts, answers, context) older than this many days is purged by
     # the nightly run (`tuneloop retention`); unset keeps it.
     retention_days: int | None = None
@@ -173,6 +303,44 @@ class Settings(BaseSettings):
     host_data_dir: str | None = None
     trainer_network: str | None = None
 
+    # ---- other programs' secrets, read only to refuse known defaults in production ----------
+    # Airflow: its metadata database marks an Airflow process (module docstring); the JWT secret
+    # signs the tokens tasks use against the API server; the Fernet key encrypts Connection
+    # passwords (empty: stored in clear). Each may come as the _CMD / _SECRET form instead (or
+    # the JWT as a private key file): then Airflow resolves it and it is not checked here.
+    airflow_metadata_db: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices(*AIRFLOW_PROCESS_VARIABLES))
+    airflow_jwt_secret_elsewhere: str | None = Field(default=None, validation_alias=AliasChoices(
+        "AIRFLOW__API_AUTH__JWT_SECRET_CMD", "AIRFLOW__API_AUTH__JWT_SECRET_SECRET",
+        "AIRFLOW__API_AUTH__JWT_PRIVATE_KEY_PATH"))
+    airflow_jwt_secret: SecretStr | None = Field(
+        default=None, validation_alias="AIRFLOW__API_AUTH__JWT_SECRET", validate_default=True)
+    airflow_fernet_key_elsewhere: str | None = Field(default=None, validation_alias=AliasChoices(
+        "AIRFLOW__CORE__FERNET_KEY_CMD", "AIRFLOW__CORE__FERNET_KEY_SECRET"))
+    airflow_fernet_key: SecretStr | None = Field(
+        default=None, validation_alias="AIRFLOW__CORE__FERNET_KEY", validate_default=True)
+    # What airflow-init writes into SimpleAuthManager's passwords file (set there only).
+    airflow_admin_password: SecretStr | None = Field(
+        default=None, validation_alias="AIRFLOW_ADMIN_PASSWORD")
+    # MLflow's client login (the basic-auth app), read by the MLflow client from the same
+    # variables; a token (MLFLOW_TRACKING_TOKEN) replaces them.
+    mlflow_tracking_token: SecretStr | None = Field(
+        default=None, validation_alias="MLFLOW_TRACKING_TOKEN")
+    mlflow_tracking_username: str | None = Field(
+        default=None, validation_alias="MLFLOW_TRACKING_USERNAME", validate_default=True)
+    mlflow_tracking_password: SecretStr | None = Field(
+        default=None, validation_alias="MLFLOW_TRACKING_PASSWORD", validate_default=True)
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        # URLs (DATABASE_URL above all) carry passwords; SecretStr fields mask themselves.
+        for name, value in super().__repr_args__():
+            if name and name.endswith(("_url", "_uri", "_urls")):
+                if isinstance(value, str):
+                    value = redact_url(value)
+                elif isinstance(value, list):
+                    value = [redact_url(v) if isinstance(v, str) else v for v in value]
+            yield name, value
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str | None) -> str | None:
@@ -180,10 +348,26 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("postgresql://", "postgresql+psycopg2://", "postgres://")):
             raise ValueError(
-                f"DATABASE_URL={value!r} is not a PostgreSQL URL; use e.g. "
+                f"DATABASE_URL={redact_url(value)!r} is not a PostgreSQL URL; use e.g. "
                 "postgresql://user:password@localhost:5432/tuneloop, or unset it for an "
                 "embedded PostgreSQL"
             )
+        return value
+
+    @field_validator("database_url", mode="after")
+    @classmethod
+    def _database_password(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not _in_production(info):
+            return value
+        try:
+            password = urlsplit(value).password
+        except ValueError:
+            password = None
+        if password and password in KNOWN_DEFAULT_SECRETS:
+            raise ValueError(
+                f"{redact_url(value)!r} uses a publicly known database password, and "
+                "TUNELOOP_ENV=production; set POSTGRES_PASSWORD (docker compose) or the URL's "
+                f"password to a fresh one: `tuneloop secrets init`, or {MAKE_A_SECRET}")
         return value
 
     @field_validator("llm_base_url", "router_champion_base_url", "router_challenger_base_url",
@@ -194,22 +378,141 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("http://", "https://")):
             raise ValueError(
-                f"{value!r} is not an http(s) URL; use e.g. http://127.0.0.1:8300/v1"
+                f"{redact_url(value)!r} is not an http(s) URL; use e.g. http://127.0.0.1:8300/v1"
             )
         return value.rstrip("/")
 
+    # ---- production: no development or publicly known secret (module docstring) ------------
     @field_validator("user_hash_salt")
     @classmethod
     def _salt(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
         # Hashed user ids are only as private as the salt: a public one is reversed with a
         # dictionary of emails. Dev mode keeps the documented default for the offline demo.
-        if info.data.get("env") == "production" and (
-                value.get_secret_value() in ("", DEV_USER_HASH_SALT)
-                or len(value.get_secret_value()) < 16):
+        _require_secret(value, info)
+        return value
+
+    @field_validator("router_admin_key", "model_server_api_key", "registry_signing_key")
+    @classmethod
+    def _production_key(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        _require_secret(value, info)
+        return value
+
+    @field_validator("router_api_key")
+    @classmethod
+    def _router_api_key(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        # Left at the development default it is simply no client in production (see
+        # router_client_digests); TUNELOOP_ROUTER_CLIENTS then has to name one.
+        if _in_production(info) and value.get_secret_value() != DEV_ROUTER_API_KEY:
+            _require_secret(value, info)
+        return value
+
+    @field_validator("router_clients")
+    @classmethod
+    def _router_clients(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        if not _in_production(info):
+            return value
+        example = ("`tuneloop secrets client NAME` makes a key and prints the "
+                   "TUNELOOP_ROUTER_CLIENTS JSON with its digest")
+        plain = sorted(name for name, digest in value.items()
+                       if not CLIENT_DIGEST.fullmatch(str(digest)))
+        if plain:
             raise ValueError(
-                "is unset, the development default or shorter than 16 characters, and "
-                "TUNELOOP_ENV=production; set it to a fresh secret, e.g. the output of "
-                f"{MAKE_A_SECRET}")
+                f"client(s) {', '.join(plain)} are not stored as sha256:<64 hex digits> of "
+                f"the key (never the key itself), and TUNELOOP_ENV=production; {example}")
+        api_key = info.data.get("router_api_key")
+        if not value and (api_key is None or api_key.get_secret_value() == DEV_ROUTER_API_KEY):
+            raise ValueError(
+                "names no client and TUNELOOP_ROUTER_API_KEY is unset or the development "
+                f"default, and TUNELOOP_ENV=production: the router would take no key but the "
+                f"public one; {example} (`tuneloop secrets init` writes a first one)")
+        return value
+
+    @field_validator("model_server_admin_key")
+    @classmethod
+    def _model_server_admin_key(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        _require_secret(value, info)
+        api_key = info.data.get("model_server_api_key")
+        if _in_production(info) and api_key is not None and \
+                api_key.get_secret_value() == value.get_secret_value():
+            raise ValueError(
+                "equals TUNELOOP_MODEL_SERVER_API_KEY, and TUNELOOP_ENV=production: every "
+                f"caller would be an admin; {_FRESH_SECRET}")
+        return value
+
+    @field_validator("llm_api_key", *(f"{r}_api_key" for r in LLM_ROLES))
+    @classmethod
+    def _llm_api_key(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if _in_production(info) and value is not None and \
+                value.get_secret_value() == DEV_MODEL_SERVER_API_KEY:
+            raise ValueError(
+                "is the model server's development key, and TUNELOOP_ENV=production; set it to "
+                "the LLM endpoint's key: for the local model server or vLLM the value of "
+                "TUNELOOP_MODEL_SERVER_API_KEY (`tuneloop secrets init` writes both)")
+        return value
+
+    @field_validator("airflow_jwt_secret")
+    @classmethod
+    def _airflow_jwt_secret(cls, value: SecretStr | None,
+                            info: ValidationInfo) -> SecretStr | None:
+        if _airflow_checks(info) and not info.data.get("airflow_jwt_secret_elsewhere"):
+            # Anyone with a known JWT secret can mint tokens for the execution and public APIs.
+            _require_secret(value, info, min_chars=32, fix=_FRESH_SECRET + " (32+ characters)")
+        return value
+
+    @field_validator("airflow_fernet_key")
+    @classmethod
+    def _airflow_fernet_key(cls, value: SecretStr | None,
+                            info: ValidationInfo) -> SecretStr | None:
+        if not _airflow_checks(info) or info.data.get("airflow_fernet_key_elsewhere"):
+            return value
+        fix = (f"set it to a key from `tuneloop secrets init` (AIRFLOW_FERNET_KEY in .env) or "
+               f"{MAKE_A_FERNET_KEY}; rotate with `new,old` and `airflow rotate-fernet-key`")
+        keys = [k.strip() for k in _plain(value).split(",")] if value is not None else []
+        if not any(keys):
+            raise ValueError("is empty, and TUNELOOP_ENV=production: Airflow would store "
+                             f"Connection passwords in clear; {fix}")
+        from cryptography.fernet import Fernet
+
+        for position, key in enumerate(keys, start=1):
+            try:
+                Fernet(key)
+            except ValueError:
+                raise ValueError(f"key {position} of {len(keys)} is not a Fernet key (32 "
+                                 f"url-safe base64-encoded bytes); {fix}") from None
+        return value
+
+    @field_validator("airflow_admin_password")
+    @classmethod
+    def _airflow_admin_password(cls, value: SecretStr | None,
+                                info: ValidationInfo) -> SecretStr | None:
+        if value is not None and _airflow_checks(info):
+            _require_secret(value, info, min_chars=MIN_PASSWORD_CHARS, fix=_FRESH_PASSWORD)
+        return value
+
+    @field_validator("mlflow_tracking_username")
+    @classmethod
+    def _mlflow_username(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if not _mlflow_auth_checks(info):
+            return value
+        if not value:
+            raise ValueError(
+                "is unset, the tracking URI is an MLflow server and TUNELOOP_ENV=production; "
+                "set the MLflow user tuneloop logs in as (MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD: `tuneloop secrets init` writes both, and the "
+                "compose mlflow service creates that user), or MLFLOW_TRACKING_TOKEN")
+        if value == "admin":
+            raise ValueError(
+                "is MLflow's default admin user, and TUNELOOP_ENV=production; log in as a "
+                "user of its own (`tuneloop secrets init` writes MLFLOW_TRACKING_USERNAME="
+                "tuneloop), so the admin login stays with whoever manages MLflow")
+        return value
+
+    @field_validator("mlflow_tracking_password")
+    @classmethod
+    def _mlflow_password(cls, value: SecretStr | None,
+                         info: ValidationInfo) -> SecretStr | None:
+        if _mlflow_auth_checks(info):
+            _require_secret(value, info, min_chars=MIN_PASSWORD_CHARS, fix=_FRESH_PASSWORD)
         return value
 
     @field_validator("llm_max_concurrency", "model_server_port", "router_port")
@@ -235,6 +538,21 @@ class Settings(BaseSettings):
         return value
 
     # ---- derived values -------------------------------------------------------------------
+    @property
+    def is_airflow_process(self) -> bool:
+        return self.airflow_metadata_db is not None
+
+    def router_client_digests(self) -> dict[str, str]:
+        """Every router client and its key digest: TUNELOOP_ROUTER_CLIENTS, plus
+        TUNELOOP_ROUTER_API_KEY as the client "default" (in production only when it is not the
+        development default, which production never accepts)."""
+        clients = dict(self.router_clients)
+        key = self.router_api_key.get_secret_value()
+        if key and (self.env == "dev" or key != DEV_ROUTER_API_KEY):
+            clients.setdefault("default" if "default" not in clients else "router_api_key",
+                               key_digest(key))
+        return clients
+
     @property
     def local_model_server_url(self) -> str:
         return f"http://{self.model_server_host}:{self.model_server_port}/v1"
@@ -282,25 +600,59 @@ class Settings(BaseSettings):
         return (self.data_dir / "mlflow" / "artifacts").resolve()
 
 
-_ENV_NAMES = {
-    "database_url": "DATABASE_URL",
-    "mlflow_tracking_uri": "MLFLOW_TRACKING_URI",
-}
+def _airflow_checks(info: ValidationInfo) -> bool:
+    return _in_production(info) and info.data.get("airflow_metadata_db") is not None
 
 
-def _env_name(field: str) -> str:
-    return _ENV_NAMES.get(field, f"TUNELOOP_{field.upper()}")
+def _mlflow_auth_checks(info: ValidationInfo) -> bool:
+    uri = info.data.get("mlflow_tracking_uri") or ""
+    return (_in_production(info) and uri.startswith(("http://", "https://"))
+            and info.data.get("mlflow_tracking_token") is None)
+
+
+def env_name(field: str) -> str:
+    """The environment variable a settings field (or an error's location) is read from."""
+    info = Settings.model_fields.get(field)
+    if info is None:  # already a variable name: the alias the value came in by
+        return field.upper()
+    alias = info.validation_alias
+    if isinstance(alias, str):
+        return alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"TUNELOOP_{field.upper()}"
+
+
+def _error_line(error: Any) -> str:
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:  # a model-level rule: its message names the variables itself
+        return message
+    return f"{env_name(str(error['loc'][0]))}: {message}"
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Build settings from the environment; raise SettingsError naming the bad variable."""
+    """Build settings from the environment; raise SettingsError naming each bad variable, one
+    line per problem, all of them at once."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            lines.append(f"{_env_name(field)}: {err['msg']}")
+        lines = [_error_line(err) for err in exc.errors()]
+        raise SettingsError("invalid tuneloop configuration:\n  " + "\n  ".join(lines)) from None
+
+
+class _RouterClientsOnly(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNELOOP_", env_file=".env", extra="ignore")
+
+    router_clients: dict[str, str] = Field(default_factory=dict)
+
+
+def read_router_clients(env_file: str | Path | None = ".env") -> dict[str, str]:
+    """TUNELOOP_ROUTER_CLIENTS as the settings read it (environment, then `env_file`), without
+    the other checks: a production environment without a client must still be able to add one."""
+    try:
+        return dict(_RouterClientsOnly(_env_file=env_file).router_clients)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        lines = [_error_line(err) for err in exc.errors()]
         raise SettingsError("invalid tuneloop configuration:\n  " + "\n  ".join(lines)) from None
 
 

@@ -2,12 +2,16 @@
 
 Each simulated request comes from one of `users` users (drawn with a seeded RNG), asks for a tip
 about a subtopic of the input taxonomy (include/rubrics/taxonomy.yaml) through the router's
-OpenAI-compatible API (the official `openai` client), reads which variant served it from the
-`X-Tuneloop-Variant` header, and reacts through `POST /v1/reactions`: with probability
-`preference[variant]` a `done` with a dwell inside the magic zone (15 s–2 min), otherwise a quick
-`dismiss` (< 5 s). Every random draw of request i comes from an RNG seeded by (seed, i), so the
-same seed gives the same users, prompts and reactions whatever the concurrency. 429s from the
-router are retried after their Retry-After. Run: `python -m tasks.shadow.simulate --requests 400`.
+OpenAI-compatible API (the official `openai` client) with a client's API key, and the user reacts
+through `POST /v1/reactions` (same key, same `user`): with probability `preference[variant]` a
+`done` with a dwell inside the magic zone (15 s–2 min), otherwise a quick `dismiss` (< 5 s). The
+router never tells a client which variant answered, so the simulator, which plays both the users
+and the experimenter, reads it where the router stores it: once every request is answered, the
+`interactions.variant` of each interaction id is read from PostgreSQL (polling until the router's
+log has written them), then the reactions are posted. Every random draw of request i comes from
+an RNG seeded by (seed, i), so the same seed gives the same users, prompts and reactions whatever
+the concurrency. 429s from the router are retried after their Retry-After. Run:
+`python -m tasks.shadow.simulate --requests 400`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -73,6 +78,40 @@ def plan_reaction(rng: random.Random, preference: float,
     return "dismiss", rng.randint(0, windows.dismiss_max_ms - 1)
 
 
+@dataclass
+class _Answered:
+    """One answered request: its RNG (the reaction draws come next), user and interaction id."""
+
+    index: int
+    rng: random.Random
+    user: str
+    interaction_id: str
+
+
+def stored_variants(engine: Any, interaction_ids: Sequence[str], *, timeout_s: float = 30.0,
+                    poll_s: float = 0.1) -> dict[str, str]:
+    """interaction id -> the variant that served it, as the router stored it; polls until every
+    id is written or `timeout_s` passes (ids still missing are left out)."""
+    from sqlalchemy import select
+
+    from tasks.core.db.engine import session_scope
+    from tasks.core.db.models import Interaction
+
+    wanted = set(interaction_ids)
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = sorted(wanted - found.keys())
+        for start in range(0, len(missing), 1000):
+            with session_scope(engine) as session:
+                found.update(session.execute(
+                    select(Interaction.id, Interaction.variant)
+                    .where(Interaction.id.in_(missing[start:start + 1000]))).tuples().all())
+        if len(found) == len(wanted) or time.monotonic() > deadline:
+            return found
+        time.sleep(poll_s)
+
+
 async def _post_reaction(http: httpx.AsyncClient, body: dict[str, Any], key: str) -> int:
     for _ in range(8):
         response = await http.post("/reactions", json=body, headers={"Idempotency-Key": key})
@@ -85,14 +124,16 @@ async def _post_reaction(http: httpx.AsyncClient, body: dict[str, Any], key: str
 async def _simulate(router_url: str, api_key: str, *, users: int, requests: int,
                     preference: dict[str, float], seed: int, concurrency: int,
                     prompts: Sequence[str], model: str | None, max_tokens: int,
-                    timeout_s: float, windows: SignalWindows) -> dict[str, Any]:
+                    timeout_s: float, windows: SignalWindows, engine: Any,
+                    variant_timeout_s: float) -> dict[str, Any]:
     import openai
 
     base_url = router_url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"}
     by_variant = {v: {"requests": 0, "done": 0, "dismiss": 0} for v in VARIANTS}
-    totals = {"ok": 0, "failed": 0, "reactions": 0, "reaction_failures": 0}
+    totals = {"ok": 0, "failed": 0, "reactions": 0, "reaction_failures": 0, "unattributed": 0}
     errors: list[str] = []
+    answered: list[_Answered] = []
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s) as http:
         if model is None:
             listed = await http.get("/models")
@@ -120,25 +161,34 @@ async def _simulate(router_url: str, api_key: str, *, users: int, requests: int,
                         errors.append(f"{type(exc).__name__}: {exc}")
                     return
                 totals["ok"] += 1
-                variant = raw.headers.get("x-tuneloop-variant", "champion")
-                interaction_id = raw.headers["x-interaction-id"]
-                stats = by_variant.setdefault(variant, {"requests": 0, "done": 0, "dismiss": 0})
-                stats["requests"] += 1
-                reaction, dwell_ms = plan_reaction(rng, preference.get(variant, 0.5), windows)
+                answered.append(_Answered(index, rng, user, raw.headers["x-interaction-id"]))
+
+        async def react(item: _Answered, variant: str) -> None:
+            stats = by_variant.setdefault(variant, {"requests": 0, "done": 0, "dismiss": 0})
+            stats["requests"] += 1
+            reaction, dwell_ms = plan_reaction(item.rng, preference.get(variant, 0.5), windows)
+            async with semaphore:
                 status = await _post_reaction(
-                    http, {"interaction_id": interaction_id, "reaction": reaction,
-                           "dwell_ms": dwell_ms},
-                    stable_id("simulate-reaction", seed, index, interaction_id))
-                if status in (200, 201):
-                    totals["reactions"] += 1
-                    stats[reaction] += 1
-                else:
-                    totals["reaction_failures"] += 1
+                    http, {"interaction_id": item.interaction_id, "reaction": reaction,
+                           "dwell_ms": dwell_ms, "user": item.user},
+                    stable_id("simulate-reaction", seed, item.index, item.interaction_id))
+            if status in (200, 201, 202):
+                totals["reactions"] += 1
+                stats[reaction] += 1
+            else:
+                totals["reaction_failures"] += 1
 
         try:
             await asyncio.gather(*(one(i) for i in range(requests)))
         finally:
             await client.close()
+        answered.sort(key=lambda item: item.index)
+        variants = await asyncio.to_thread(
+            stored_variants, engine, [item.interaction_id for item in answered],
+            timeout_s=variant_timeout_s)
+        totals["unattributed"] = sum(item.interaction_id not in variants for item in answered)
+        await asyncio.gather(*(react(item, variants[item.interaction_id]) for item in answered
+                               if item.interaction_id in variants))
     return {**totals, "by_variant": by_variant, "errors": errors}
 
 
@@ -156,12 +206,18 @@ def simulate_traffic(
     max_tokens: int = 64,
     timeout_s: float = 300.0,
     windows: SignalWindows | None = None,
+    engine: Any = None,
+    variant_timeout_s: float = 30.0,
 ) -> dict[str, Any]:
     """Send `requests` chat requests from `users` simulated users through the router at
-    `router_url` (…/v1) and post their reactions.
+    `router_url` (…/v1) with the client key `api_key`, then post their reactions.
 
-    Returns {"requests", "ok", "failed", "reactions", "reaction_failures", "elapsed_s",
-    "by_variant": {variant: {"requests", "done", "dismiss"}}, "errors": [first few]}.
+    `engine`: the router's database, where the variant of each answer is read (default:
+    `tasks.core.db.engine.get_engine()`, the database the router uses by default); an answer
+    whose row is not written within `variant_timeout_s` gets no reaction ("unattributed").
+
+    Returns {"requests", "ok", "failed", "reactions", "reaction_failures", "unattributed",
+    "elapsed_s", "by_variant": {variant: {"requests", "done", "dismiss"}}, "errors": [first few]}.
     """
     preference = dict(preference or {"champion": 0.5, "challenger": 0.5})
     _validate(users, requests, preference, concurrency)
@@ -169,10 +225,15 @@ def simulate_traffic(
     started = time.perf_counter()
     from tasks.core.llm import run_sync
 
+    if engine is None:
+        from tasks.core.db.engine import get_engine
+
+        engine = get_engine()
     result = run_sync(_simulate(
         router_url, api_key, users=users, requests=requests, preference=preference, seed=seed,
         concurrency=concurrency, prompts=prompts, model=model, max_tokens=max_tokens,
-        timeout_s=timeout_s, windows=windows or SignalWindows()))
+        timeout_s=timeout_s, windows=windows or SignalWindows(), engine=engine,
+        variant_timeout_s=variant_timeout_s))
     result = {"requests": requests, **result,
               "elapsed_s": round(time.perf_counter() - started, 3)}
     log.info("simulated %d requests (%d ok, %d failed), %d reactions: %s", requests,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
+
 import pytest
 
 from tasks.core.settings import SettingsError, load_settings
@@ -74,3 +78,269 @@ def test_bad_router_rate_limit_names_the_variable(monkeypatch, var, value, messa
     monkeypatch.setenv(var, value)
     with pytest.raises(SettingsError, match=f"{var}: .*{message}"):
         load_settings()
+
+
+# ---- production mode: no development or known-default secret ----------------------------------
+
+_PRODUCTION_PREFIXES = ("TUNELOOP_", "AIRFLOW_", "AIRFLOW__", "MLFLOW_")
+
+
+def _fernet_key() -> str:
+    from cryptography.fernet import Fernet
+
+    return Fernet.generate_key().decode()
+
+
+@pytest.fixture()
+def clean_env(monkeypatch, tmp_path):
+    """No tuneloop/Airflow/MLflow variable (the suite sets AIRFLOW__DATABASE__SQL_ALCHEMY_CONN)
+    and no .env in the working directory."""
+    for name in list(os.environ):
+        if name.startswith(_PRODUCTION_PREFIXES) or name == "DATABASE_URL":
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+def _production_env() -> dict[str, str]:
+    """A complete production environment, as docker compose hands it to an Airflow task."""
+    from tasks.core.settings import key_digest
+
+    model_server_key = secrets.token_hex(32)
+    return {
+        "TUNELOOP_ENV": "production",
+        "DATABASE_URL": f"postgresql://tuneloop:{secrets.token_urlsafe(24)}@postgres/tuneloop",
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "MLFLOW_TRACKING_USERNAME": "tuneloop",
+        "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(24),
+        "TUNELOOP_USER_HASH_SALT": secrets.token_hex(32),
+        "TUNELOOP_ROUTER_ADMIN_KEY": secrets.token_hex(32),
+        "TUNELOOP_ROUTER_CLIENTS": json.dumps({"web": key_digest(secrets.token_hex(32))}),
+        "TUNELOOP_MODEL_SERVER_API_KEY": model_server_key,
+        "TUNELOOP_LLM_API_KEY": model_server_key,
+        "TUNELOOP_MODEL_SERVER_ADMIN_KEY": secrets.token_hex(32),
+        "TUNELOOP_REGISTRY_SIGNING_KEY": secrets.token_hex(32),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN":
+            f"postgresql+psycopg2://tuneloop:{secrets.token_hex(16)}@postgres/airflow",
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+        "AIRFLOW__CORE__FERNET_KEY": _fernet_key(),
+        "AIRFLOW_ADMIN_PASSWORD": secrets.token_urlsafe(24),
+    }
+
+
+@pytest.fixture()
+def production(clean_env):
+    env = _production_env()
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    return clean_env
+
+
+def _problems(message: str) -> list[str]:
+    return [line.strip() for line in message.splitlines()[1:]]
+
+
+def test_a_complete_production_environment_starts(production):
+    settings = load_settings()
+    assert settings.env == "production" and settings.is_airflow_process
+    assert list(settings.router_client_digests()) == ["web"]
+
+
+def test_dev_mode_keeps_every_default_for_the_offline_demo(clean_env):
+    from tasks.core.settings import DEV_ROUTER_API_KEY, key_digest
+
+    settings = load_settings()
+    assert settings.env == "dev"
+    assert settings.router_client_digests() == {"default": key_digest(DEV_ROUTER_API_KEY)}
+    # an Airflow process with a tracking server is fine in dev mode too
+    clean_env.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "postgresql://a@b/c")
+    clean_env.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert load_settings().env == "dev"
+
+
+# (variable, value that must be refused: None = unset)
+REFUSED = [
+    ("TUNELOOP_USER_HASH_SALT", None), ("TUNELOOP_USER_HASH_SALT", "tuneloop-dev-salt-change-me"),
+    ("TUNELOOP_USER_HASH_SALT", "short"),
+    ("TUNELOOP_ROUTER_ADMIN_KEY", None), ("TUNELOOP_ROUTER_ADMIN_KEY", "tuneloop-dev-admin-key"),
+    ("TUNELOOP_ROUTER_CLIENTS", None), ("TUNELOOP_ROUTER_CLIENTS", '{"web": "plain-text-key"}'),
+    ("TUNELOOP_ROUTER_CLIENTS", '{"web": "sha256:abc"}'),
+    ("TUNELOOP_MODEL_SERVER_API_KEY", None), ("TUNELOOP_MODEL_SERVER_API_KEY", "tuneloop-local"),
+    ("TUNELOOP_MODEL_SERVER_ADMIN_KEY", None),
+    ("TUNELOOP_MODEL_SERVER_ADMIN_KEY", "tuneloop-local-admin"),
+    ("TUNELOOP_REGISTRY_SIGNING_KEY", None),
+    ("TUNELOOP_REGISTRY_SIGNING_KEY", "tuneloop-dev-registry-key"),
+    ("TUNELOOP_LLM_API_KEY", None), ("TUNELOOP_LLM_API_KEY", "tuneloop-local"),
+    ("TUNELOOP_JUDGE_API_KEY", "tuneloop-local"),
+    ("DATABASE_URL", "postgresql://tuneloop:tuneloop@postgres/tuneloop"),
+    ("AIRFLOW__API_AUTH__JWT_SECRET", None),
+    ("AIRFLOW__API_AUTH__JWT_SECRET", "change-me-in-production"),
+    ("AIRFLOW__API_AUTH__JWT_SECRET", "0123456789abcdef"),  # < 32 characters
+    ("AIRFLOW__CORE__FERNET_KEY", None), ("AIRFLOW__CORE__FERNET_KEY", ""),
+    ("AIRFLOW__CORE__FERNET_KEY", "not-a-fernet-key"),
+    ("AIRFLOW_ADMIN_PASSWORD", "admin"), ("AIRFLOW_ADMIN_PASSWORD", "short"),
+    ("MLFLOW_TRACKING_USERNAME", None), ("MLFLOW_TRACKING_USERNAME", "admin"),
+    ("MLFLOW_TRACKING_PASSWORD", None), ("MLFLOW_TRACKING_PASSWORD", "password1234"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value"), REFUSED,
+                         ids=[f"{v}={'unset' if x is None else x or 'empty'}" for v, x in REFUSED])
+def test_production_refuses_a_missing_or_default_secret_naming_the_variable(production,
+                                                                             variable, value):
+    from tasks.core.settings import MAKE_A_SECRET
+
+    if value is None:
+        production.delenv(variable, raising=False)
+    else:
+        production.setenv(variable, value)
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    problems = _problems(str(err.value))
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{variable}: ")
+    assert "tuneloop secrets" in problems[0] or MAKE_A_SECRET in problems[0]
+    if value and len(value) >= 8:  # the refused value is not echoed
+        assert value not in problems[0].replace("postgresql://tuneloop:***", "")
+
+
+def test_every_problem_is_reported_at_once_one_line_each(clean_env):
+    clean_env.setenv("TUNELOOP_ENV", "production")
+    clean_env.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "postgresql://a:b@c/d")
+    clean_env.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.com")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    named = {line.split(":", 1)[0] for line in _problems(str(err.value))}
+    assert named == {
+        "TUNELOOP_USER_HASH_SALT", "TUNELOOP_ROUTER_ADMIN_KEY", "TUNELOOP_ROUTER_CLIENTS",
+        "TUNELOOP_MODEL_SERVER_API_KEY", "TUNELOOP_MODEL_SERVER_ADMIN_KEY",
+        "TUNELOOP_REGISTRY_SIGNING_KEY", "TUNELOOP_LLM_API_KEY",
+        "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__FERNET_KEY",
+        "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+
+
+def test_airflow_secrets_are_checked_only_in_an_airflow_process(production):
+    """The router and the model server (no Airflow metadata database) get no Airflow secret."""
+    for name in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__API_AUTH__JWT_SECRET",
+                 "AIRFLOW__CORE__FERNET_KEY"):
+        production.delenv(name)
+    production.setenv("AIRFLOW_HOME", "/opt/airflow")  # every container of the Airflow image
+    production.setenv("AIRFLOW_ADMIN_PASSWORD", "admin")
+    assert not load_settings().is_airflow_process
+
+
+def test_airflow_secrets_given_through_cmd_or_secret_backends_are_not_required(production):
+    production.delenv("AIRFLOW__API_AUTH__JWT_SECRET")
+    production.delenv("AIRFLOW__CORE__FERNET_KEY")
+    production.setenv("AIRFLOW__API_AUTH__JWT_SECRET_CMD", "cat /run/secrets/jwt")
+    production.setenv("AIRFLOW__CORE__FERNET_KEY_SECRET", "airflow/fernet")
+    assert load_settings().is_airflow_process
+
+
+def test_a_rotating_fernet_key_pair_is_accepted_and_each_key_is_validated(production):
+    production.setenv("AIRFLOW__CORE__FERNET_KEY", f"{_fernet_key()},{_fernet_key()}")
+    load_settings()
+    production.setenv("AIRFLOW__CORE__FERNET_KEY", f"{_fernet_key()},bogus")
+    with pytest.raises(SettingsError, match="AIRFLOW__CORE__FERNET_KEY: key 2 of 2"):
+        load_settings()
+
+
+def test_mlflow_login_is_needed_only_for_a_tracking_server(production):
+    production.delenv("MLFLOW_TRACKING_USERNAME")
+    production.delenv("MLFLOW_TRACKING_PASSWORD")
+    production.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/mlflow.db")
+    load_settings()
+    production.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    production.setenv("MLFLOW_TRACKING_TOKEN", secrets.token_hex(16))
+    load_settings()
+
+
+def test_a_strong_router_api_key_replaces_the_clients(production):
+    from tasks.core.settings import key_digest
+
+    key = secrets.token_hex(32)
+    production.delenv("TUNELOOP_ROUTER_CLIENTS")
+    production.setenv("TUNELOOP_ROUTER_API_KEY", key)
+    assert load_settings().router_client_digests() == {"default": key_digest(key)}
+
+
+def test_the_development_router_key_is_no_client_in_production(production):
+    assert "default" not in load_settings().router_client_digests()
+
+
+def test_the_model_server_admin_key_must_differ_from_its_api_key(production):
+    production.setenv("TUNELOOP_MODEL_SERVER_ADMIN_KEY",
+                      os.environ["TUNELOOP_MODEL_SERVER_API_KEY"])
+    with pytest.raises(SettingsError, match="TUNELOOP_MODEL_SERVER_ADMIN_KEY: equals"):
+        load_settings()
+
+
+def test_key_digest_is_sha256_hex_with_a_prefix():
+    import hashlib
+
+    from tasks.core.settings import CLIENT_DIGEST, key_digest
+
+    assert key_digest("k") == "sha256:" + hashlib.sha256(b"k").hexdigest()
+    assert CLIENT_DIGEST.fullmatch(key_digest("k"))
+
+
+# ---- secrets stay out of errors and repr ------------------------------------------------------
+
+def test_a_bad_database_url_error_hides_its_password(clean_env):
+    clean_env.setenv("DATABASE_URL", "mysql://root:hunter2-s3cret@db/tuneloop")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "hunter2-s3cret" not in str(err.value)
+    assert "DATABASE_URL: DATABASE_URL='mysql://root:***@db/tuneloop' is not a PostgreSQL URL" \
+        in str(err.value)
+
+
+def test_a_bad_base_url_error_hides_its_password(clean_env):
+    clean_env.setenv("TUNELOOP_JUDGE_BASE_URL", "ftp://user:tok-s3cret@llm/v1")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "tok-s3cret" not in str(err.value) and "TUNELOOP_JUDGE_BASE_URL" in str(err.value)
+
+
+def test_settings_repr_shows_no_secret(production):
+    production.setenv("DATABASE_URL", "postgresql://tuneloop:db-s3cret-value@postgres/tuneloop")
+    settings = load_settings()
+    text = f"{settings!r} {settings}"
+    assert "postgresql://tuneloop:***@postgres/tuneloop" in text
+    assert "db-s3cret-value" not in text
+    airflow_db_password = os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].split(":")[2]
+    assert airflow_db_password.split("@")[0] not in text
+    for name in ("TUNELOOP_ROUTER_ADMIN_KEY", "TUNELOOP_USER_HASH_SALT",
+                 "MLFLOW_TRACKING_PASSWORD", "AIRFLOW__API_AUTH__JWT_SECRET",
+                 "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW_ADMIN_PASSWORD"):
+        assert os.environ[name] not in text, name
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://u:pw-s3cret@db:5432/x", "postgresql://u:***@db:5432/x"),
+    ("postgresql://u@db/x", "postgresql://u@db/x"),
+    ("https://h/p?token=s3cret", "https://h/p?***"),
+    ("not a url", "not a url"),
+])
+def test_redact_url(url, shown):
+    from tasks.core.settings import redact_url
+
+    assert redact_url(url) == shown
+
+
+def test_redact_urls_in_masks_every_password_in_a_text():
+    from tasks.core.settings import redact_urls_in
+
+    text = "connect postgresql://a:s3cr@t@db/x failed; retry http://b:tok3n@h/v1 or http://h/"
+    assert redact_urls_in(text) == ("connect postgresql://a:***@db/x failed; retry "
+                                    "http://b:***@h/v1 or http://h/")
+
+
+def test_model_level_errors_are_not_prefixed_with_a_question_mark():
+    from tasks.core.settings import _error_line
+
+    line = _error_line({"loc": (), "msg": "Value error, TUNELOOP_X and TUNELOOP_Y disagree"})
+    assert line == "TUNELOOP_X and TUNELOOP_Y disagree"
+    assert _error_line({"loc": ("DATABASE_URL",), "msg": "bad"}) == "DATABASE_URL: bad"
+    assert _error_line({"loc": ("airflow_fernet_key",), "msg": "bad"}) == \
+        "AIRFLOW__CORE__FERNET_KEY: bad"

@@ -1,6 +1,9 @@
 """The router: routing function, canary/mirror/off over HTTP, the official openai client through
 it, interaction logging, auth, rate limits and the reactions API — against two fake
-OpenAI-compatible backends (champion and challenger give distinguishable answers)."""
+OpenAI-compatible backends (champion and challenger give distinguishable answers). Which variant
+served a request is read from its stored interaction row: the router never tells the client.
+The hostile-client front door (keys, admin route, replays, limits, reaction ownership) is in
+test_router_security.py."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from sqlalchemy import select
 
 from serving.openai_schema import SSEText
 from serving.router import RouterServer, create_router_app
-from serving.router_config import BackendConfig, RouterConfig
+from serving.router_config import BackendConfig, RouterConfig, key_digest
 from serving.routing import TokenBucketLimiter, choose_variant, hash_user, user_bucket
 from tasks.core.db.engine import session_scope
 from tasks.core.db.models import Interaction, Reaction
@@ -22,6 +25,8 @@ from tasks.shadow.stage import deploy_challenger, end_deployment
 from tests.fakes.fake_openai import FakeOpenAIServer
 
 API_KEY = "test-router-key"
+ADMIN_KEY = "test-router-admin-key"
+CLIENT = "tests"
 SALT = "test-salt"
 CHAMPION_MODEL = "champ-base"
 CHALLENGER_MODEL = "chall-base"
@@ -58,7 +63,8 @@ def make_config(backends, model_name: str, **overrides) -> RouterConfig:
             "challenger": BackendConfig(base_url=challenger.base_url,
                                         base_model=CHALLENGER_MODEL, model_template="openai"),
         },
-        registered_model_name=model_name, public_model="tuneloop", api_keys=[API_KEY],
+        registered_model_name=model_name, public_model="tuneloop",
+        clients={CLIENT: key_digest(API_KEY)}, admin_key_sha256=key_digest(ADMIN_KEY),
         user_hash_salt=SALT, use_registry=False, deployment_ttl_s=0.1,
         log_flush_interval_s=0.05, rate_limit_per_s=0, key_rate_limit_per_s=0,
     )
@@ -99,6 +105,34 @@ def chat(client: httpx.Client, text: str, user: str | None = None, **extra) -> h
     if user is not None:
         body["user"] = user
     return client.post("/chat/completions", json=body)
+
+
+def router_state(server: RouterServer) -> dict:
+    """GET /v1/router/state with the admin key."""
+    response = httpx.get(f"{server.base_url}/router/state", timeout=10,
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def stored_rows(server: RouterServer, engine, responses: list[httpx.Response]
+                ) -> list[Interaction]:
+    """The interaction rows of `responses` (by their X-Interaction-Id), once written."""
+    ids = [response.headers["x-interaction-id"] for response in responses]
+    assert server.app.state.router.log.flush(10)
+    with session_scope(engine) as session:
+        rows = {row.id: row for row in session.execute(
+            select(Interaction).where(Interaction.id.in_(ids))).scalars()}
+    return [rows[interaction_id] for interaction_id in ids]
+
+
+def variant_of(server: RouterServer, engine, response: httpx.Response) -> str:
+    """Which variant served `response`, as its stored interaction says (never a header)."""
+    assert "x-tuneloop-variant" not in response.headers
+    interaction_id = response.headers["x-interaction-id"]
+    assert server.app.state.router.log.wait_written(interaction_id, 10)
+    with session_scope(engine) as session:
+        return session.get(Interaction, interaction_id).variant
 
 
 def wait_rows(engine, condition, expected: int, timeout_s: float = 10.0) -> list[Interaction]:
@@ -191,18 +225,22 @@ def test_canary_over_http_routes_each_user_as_the_routing_function_says(
         serve, router_engine, model_name):
     deploy_challenger("2", champion_version="1", mode="canary", share=0.5,
                       model_name=model_name, engine=router_engine)
-    _, client = serve()
-    seen: dict[str, set[str]] = {}
+    server, client = serve()
+    served: list[tuple[str, httpx.Response]] = []
     for round_ in range(3):
         for i in range(30):
             user = f"u{i}"
             response = chat(client, f"q{round_}", user=user)
             assert response.status_code == 200, response.text
-            variant = response.headers["x-tuneloop-variant"]
-            content = response.json()["choices"][0]["message"]["content"]
-            assert content.startswith(variant.upper())
-            assert variant == choose_variant(hash_user(user, SALT), "canary", 0.5)
-            seen.setdefault(user, set()).add(variant)
+            assert "x-tuneloop-variant" not in response.headers
+            served.append((user, response))
+    rows = stored_rows(server, router_engine, [response for _, response in served])
+    seen: dict[str, set[str]] = {}
+    for (user, response), row in zip(served, rows, strict=True):
+        content = response.json()["choices"][0]["message"]["content"]
+        assert content.startswith(row.variant.upper())
+        assert row.variant == choose_variant(hash_user(user, SALT), "canary", 0.5)
+        seen.setdefault(user, set()).add(row.variant)
     assert all(len(v) == 1 for v in seen.values())  # sticky
     assert {next(iter(v)) for v in seen.values()} == {"champion", "challenger"}
 
@@ -210,20 +248,21 @@ def test_canary_over_http_routes_each_user_as_the_routing_function_says(
 def test_user_id_can_come_from_the_x_user_id_header(serve, router_engine, model_name):
     deploy_challenger("2", champion_version="1", mode="canary", share=0.5,
                       model_name=model_name, engine=router_engine)
-    _, client = serve()
-    for i in range(10):
-        user = f"header-user-{i}"
-        response = client.post("/chat/completions", headers={"X-User-Id": user}, json={
-            "model": "tuneloop", "messages": [{"role": "user", "content": "hi"}]})
-        assert response.headers["x-tuneloop-variant"] == \
-            choose_variant(hash_user(user, SALT), "canary", 0.5)
+    server, client = serve()
+    users = [f"header-user-{i}" for i in range(10)]
+    responses = [client.post("/chat/completions", headers={"X-User-Id": user}, json={
+        "model": "tuneloop", "messages": [{"role": "user", "content": "hi"}]}) for user in users]
+    rows = stored_rows(server, router_engine, responses)
+    for user, row in zip(users, rows, strict=True):
+        assert row.user_hash == hash_user(user, SALT)
+        assert row.variant == choose_variant(hash_user(user, SALT), "canary", 0.5)
 
 
 def test_mirror_never_returns_the_challenger_answer_and_logs_it(serve, router_engine,
                                                                   model_name):
     deployment = deploy_challenger("2", champion_version="1", mode="mirror", share=1.0,
                                    model_name=model_name, engine=router_engine)
-    _, client = serve()
+    server, client = serve()
     ids = []
     for i in range(12):
         stream = i % 2 == 1
@@ -237,7 +276,8 @@ def test_mirror_never_returns_the_challenger_answer_and_logs_it(serve, router_en
             answer = response.json()["choices"][0]["message"]["content"]
         assert answer == f"CHAMPION answer to question {i}"
         assert "CHALLENGER" not in response.text
-        assert response.headers["x-tuneloop-variant"] == "champion"
+        assert "x-tuneloop-variant" not in response.headers
+        assert variant_of(server, router_engine, response) == "champion"
         ids.append(response.headers["x-interaction-id"])
     mirrors = wait_rows(router_engine, (Interaction.variant == "mirror")
                         & (Interaction.deployment_id == deployment["deployment_id"]), 12)
@@ -264,6 +304,7 @@ def test_official_openai_client_non_streaming_through_the_router(serve, router_e
     with session_scope(router_engine) as session:
         row = session.get(Interaction, interaction_id)
     assert row.user_hash == hash_user("alice", SALT)
+    assert row.client_id == CLIENT and row.request_id is None
     assert row.variant == "champion" and row.model_name == CHAMPION_MODEL
     assert row.request_messages == [{"role": "user", "content": "hello there"}]
     assert row.response == "CHAMPION answer to hello there"
@@ -293,17 +334,17 @@ def test_official_openai_client_streaming_through_the_router(serve, router_engin
 
 
 def test_new_deployment_is_picked_up_without_restart(serve, router_engine, model_name):
-    _, client = serve()
-    assert chat(client, "before", user="x").headers["x-tuneloop-variant"] == "champion"
+    server, client = serve()
+    assert variant_of(server, router_engine, chat(client, "before", user="x")) == "champion"
     deploy_challenger("2", champion_version="1", mode="canary", share=1.0,
                       model_name=model_name, engine=router_engine)
     deadline = time.monotonic() + 5
     variant = "champion"
     while variant != "challenger" and time.monotonic() < deadline:
         time.sleep(0.1)
-        variant = chat(client, "after", user="x").headers["x-tuneloop-variant"]
+        variant = variant_of(server, router_engine, chat(client, "after", user="x"))
     assert variant == "challenger"
-    assert client.get("/router/state").json()["routing"]["mode"] == "canary"
+    assert router_state(server)["routing"]["mode"] == "canary"
 
 
 @pytest.mark.parametrize("http_backend", ["aiohttp", "httpx"])
@@ -320,7 +361,7 @@ def test_failed_challenger_falls_back_to_champion_and_failures_are_logged(
                          headers={"Authorization": f"Bearer {API_KEY}"}) as client:
         response = chat(client, "fallback please", user="y")
         assert response.status_code == 200
-        assert response.headers["x-tuneloop-variant"] == "champion"
+        assert "x-tuneloop-variant" not in response.headers
         assert response.json()["choices"][0]["message"]["content"].startswith("CHAMPION")
         streamed = chat(client, "fallback stream", user="y", stream=True)
         assert streamed.status_code == 200 and "CHAMPION" in streamed.text
@@ -365,12 +406,16 @@ def test_unknown_model_is_404_naming_the_right_one(serve):
     assert "tuneloop" in response.json()["error"]["message"]
 
 
-def test_retried_request_id_is_logged_once(serve, router_engine, model_name):
+def test_retried_request_id_is_logged_once_and_answered_alike(serve, router_engine, model_name):
     server, client = serve()
     request_id = uuid.uuid4().hex
-    ids = {client.post("/chat/completions", headers={"X-Request-Id": request_id}, json={
+    responses = [client.post("/chat/completions", headers={"X-Request-Id": request_id}, json={
         "model": "tuneloop", "user": "r", "messages": [{"role": "user", "content": "again"}],
-    }).headers["x-interaction-id"] for _ in range(3)}
+    }) for _ in range(3)]
+    assert [response.status_code for response in responses] == [200, 200, 200]
+    assert {r.json()["choices"][0]["message"]["content"] for r in responses} == {
+        "CHAMPION answer to again"}
+    ids = {response.headers["x-interaction-id"] for response in responses}
     assert len(ids) == 1
     server.app.state.router.log.wait_written(ids.pop(), 5)
     with session_scope(router_engine) as session:
@@ -388,6 +433,7 @@ def test_every_v1_route_needs_the_api_key(serve, headers):
     server, _ = serve()
     with httpx.Client(base_url=server.base_url, headers=headers) as anonymous:
         assert anonymous.get("/models").status_code == 401
+        assert anonymous.get("/router/state").status_code == 401
         response = anonymous.post("/chat/completions", json={
             "model": "tuneloop", "messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 401
@@ -402,10 +448,9 @@ def test_health_needs_no_key_and_names_no_deployment(serve, router_engine, model
                       model_name=model_name, engine=router_engine)
     root = server.base_url.removesuffix("/v1")
     deadline = time.monotonic() + 5
-    while (client.get("/router/state").json()["routing"]["mode"] != "canary"
-           and time.monotonic() < deadline):
+    while router_state(server)["routing"]["mode"] != "canary" and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert client.get("/router/state").json()["routing"]["mode"] == "canary"
+    assert router_state(server)["routing"]["mode"] == "canary"
     response = httpx.get(f"{root}/health", timeout=5)
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
@@ -500,14 +545,16 @@ def test_reaction_right_after_the_answer_waits_for_the_queued_interaction(serve)
     _, client = serve(log_flush_interval_s=1.0)
     interaction_id = _one_interaction(client)
     response = client.post("/reactions", json={"interaction_id": interaction_id,
-                                               "reaction": "done", "dwell_ms": 30_000})
+                                               "reaction": "done", "dwell_ms": 30_000,
+                                               "user": "react"})
     assert response.status_code == 201, response.text
 
 
 def test_idempotency_key_returns_the_same_reaction(serve, router_engine):
     _, client = serve()
     interaction_id = _one_interaction(client)
-    body = {"interaction_id": interaction_id, "reaction": "dismiss", "dwell_ms": 1_200}
+    body = {"interaction_id": interaction_id, "reaction": "dismiss", "dwell_ms": 1_200,
+            "user": "react"}
     first = client.post("/reactions", json=body, headers={"Idempotency-Key": "k-1"})
     again = client.post("/reactions", json=body, headers={"Idempotency-Key": "k-1"})
     in_body = client.post("/reactions", json={**body, "idempotency_key": "k-1"})
@@ -520,16 +567,20 @@ def test_idempotency_key_returns_the_same_reaction(serve, router_engine):
         stored = session.execute(select(Reaction).where(
             Reaction.interaction_id == interaction_id)).scalars().all()
     assert len(stored) == 2 and {r.idempotency_key for r in stored} == {"k-1", "k-2"}
+    assert {r.client_id for r in stored} == {CLIENT}
 
 
 def test_idempotency_key_reused_with_another_payload_is_409(serve):
     _, client = serve()
     interaction_id = _one_interaction(client)
     headers = {"Idempotency-Key": "same"}
-    client.post("/reactions", headers=headers, json={
-        "interaction_id": interaction_id, "reaction": "done", "dwell_ms": 20_000})
+    first = client.post("/reactions", headers=headers, json={
+        "interaction_id": interaction_id, "reaction": "done", "dwell_ms": 20_000,
+        "user": "react"})
+    assert first.status_code == 201, first.text
     response = client.post("/reactions", headers=headers, json={
-        "interaction_id": interaction_id, "reaction": "dismiss", "dwell_ms": 100})
+        "interaction_id": interaction_id, "reaction": "dismiss", "dwell_ms": 100,
+        "user": "react"})
     assert response.status_code == 409
     assert response.json()["error"]["param"] == "idempotency_key"
 
@@ -537,7 +588,8 @@ def test_idempotency_key_reused_with_another_payload_is_409(serve):
 def test_identical_reaction_without_a_key_is_a_replay(serve):
     _, client = serve()
     interaction_id = _one_interaction(client)
-    body = {"interaction_id": interaction_id, "reaction": "thumbs_up", "dwell_ms": 0}
+    body = {"interaction_id": interaction_id, "reaction": "thumbs_up", "dwell_ms": 0,
+            "user": "react"}
     codes = [client.post("/reactions", json=body).status_code for _ in range(2)]
     assert codes == [201, 200]
 
@@ -545,14 +597,14 @@ def test_identical_reaction_without_a_key_is_a_replay(serve):
 def test_end_deployment_returns_router_to_champion_only(serve, router_engine, model_name):
     deployment = deploy_challenger("2", champion_version="1", mode="canary", share=1.0,
                                    model_name=model_name, engine=router_engine)
-    _, client = serve()
-    assert chat(client, "a", user="w").headers["x-tuneloop-variant"] == "challenger"
+    server, client = serve()
+    assert variant_of(server, router_engine, chat(client, "a", user="w")) == "challenger"
     assert end_deployment(deployment["deployment_id"], engine=router_engine) is True
     deadline = time.monotonic() + 5
     variant = "challenger"
     while variant != "champion" and time.monotonic() < deadline:
         time.sleep(0.1)
-        variant = chat(client, "b", user="w").headers["x-tuneloop-variant"]
+        variant = variant_of(server, router_engine, chat(client, "b", user="w"))
     assert variant == "champion"
 
 

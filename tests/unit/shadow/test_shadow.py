@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from serving.router import RouterServer, create_router_app
-from serving.router_config import BackendConfig, RouterConfig
+from serving.router_config import BackendConfig, RouterConfig, key_digest
 from serving.routing import StateResolver
 from tasks.core.db.engine import session_scope, upsert
 from tasks.core.db.models import ComparisonReport, Deployment, Interaction, Reaction
@@ -35,6 +35,7 @@ from tasks.shadow.stage import (
     end_deployment,
 )
 from tests.fakes.fake_openai import FakeOpenAIServer
+from tests.unit.serving.registry_helpers import signed_version
 
 T0 = datetime(2026, 5, 1, tzinfo=UTC)
 
@@ -70,7 +71,7 @@ def registry(tracking_uri, model_name, tmp_path):
     artifact.mkdir()
     (artifact / "adapter_config.json").write_text("{}")
     for _ in range(3):
-        client.create_model_version(model_name, source=str(artifact))
+        signed_version(client, model_name, artifact)
     client.set_registered_model_alias(model_name, "champion", "1")
     client.set_registered_model_alias(model_name, "challenger", "2")
     return client
@@ -547,9 +548,9 @@ def test_router_follows_the_registry_aliases_through_a_promotion(
                                        model_template="vllm")
         config = RouterConfig(
             backends={"champion": backend_config}, registered_model_name=model_name,
-            public_model="tuneloop", api_keys=["k"], user_hash_salt="s",
-            tracking_uri=tracking_uri, alias_ttl_s=0.2, deployment_ttl_s=0.2,
-            rate_limit_per_s=0, key_rate_limit_per_s=0)
+            public_model="tuneloop", api_keys=["k"], admin_key_sha256=key_digest("admin-k"),
+            user_hash_salt="s", tracking_uri=tracking_uri, alias_ttl_s=0.2,
+            deployment_ttl_s=0.2, rate_limit_per_s=0, key_rate_limit_per_s=0)
         deployment = deploy_challenger("2", mode="canary", share=1.0, model_name=model_name,
                                        engine=shadow_engine)
         with RouterServer(create_router_app(config, engine=shadow_engine)) as server, \
@@ -560,12 +561,17 @@ def test_router_follows_the_registry_aliases_through_a_promotion(
                     "model": "tuneloop", "user": user,
                     "messages": [{"role": "user", "content": "hi"}]})
                 assert response.status_code == 200, response.text
-                return (response.headers["x-tuneloop-variant"],
-                        response.headers["x-tuneloop-model-version"],
+                # The router tells no client its variant: the stored interaction has it.
+                interaction_id = response.headers["x-interaction-id"]
+                assert server.app.state.router.log.wait_written(interaction_id, 10)
+                with session_scope(shadow_engine) as session:
+                    variant = session.get(Interaction, interaction_id).variant
+                return (variant, response.headers["x-tuneloop-model-version"],
                         response.json()["model"])
 
             assert served("a") == ("challenger", "2", f"{model_name}-v2")
-            state = client.get("/router/state").json()["routing"]
+            state = client.get("/router/state",
+                               headers={"Authorization": "Bearer admin-k"}).json()["routing"]
             assert state["versions"] == {"champion": "1", "challenger": "2"}
             report = {"decision": "promote", "deployment_id": deployment["deployment_id"],
                       "model_name": model_name, "champion_version": None,

@@ -1,5 +1,6 @@
 """The traffic simulator drives real requests and reactions through the router; the comparison on
-its output finds the preference it was given."""
+its output finds the preference it was given. The router tells no client which variant answered:
+the simulator reads it from the stored interactions."""
 
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ def test_simulated_preference_shows_up_in_the_comparison(router, sim_engine):
     server, deployment_id = router
     result = simulate_traffic(server.base_url, API_KEY, users=60, requests=300,
                               preference={"champion": 0.2, "challenger": 0.9}, seed=7,
-                              concurrency=8)
-    assert result["ok"] == 300 and result["failed"] == 0
+                              concurrency=8, engine=sim_engine)
+    assert result["ok"] == 300 and result["failed"] == 0 and result["unattributed"] == 0
     assert result["reactions"] == 300 and result["reaction_failures"] == 0
     by_variant = result["by_variant"]
     assert by_variant["champion"]["requests"] > 50 and by_variant["challenger"]["requests"] > 50
