@@ -186,11 +186,8 @@ def serve(host: str | None = None, port: int | None = None, *, model_path: Path 
 
 def _warn_about_dev_keys(host: str) -> None:
     """The dev keys are in the source for anyone to read: fine on loopback, a warning elsewhere."""
-    from tasks.core.settings import (
-        DEV_MODEL_SERVER_ADMIN_KEY,
-        DEV_MODEL_SERVER_API_KEY,
-        get_settings,
-    )
+    from tasks.core.secrets import DEV_MODEL_SERVER_ADMIN_KEY, DEV_MODEL_SERVER_API_KEY
+    from tasks.core.settings import get_settings
 
     settings = get_settings()
     dev_defaults = [name for name, secret, dev in (

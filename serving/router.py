@@ -39,8 +39,8 @@ told to the client. The front door, for hostile clients:
 - X-Request-Id names a request of one client (unique per (client_id, request_id)): a replay by
   that client returns the stored answer with the same interaction id, or a 409 while the first
   is still in flight or when it failed; it never overwrites. The last `request_ids_max` ids are
-  held in memory (`RequestIds`, loaded from the database at start), so a fresh id costs no
-  database read; one is made only when memory cannot vouch for the whole `request_id_window_s`.
+  held in memory (`serving.request_ids`, loaded from the database at start), so a fresh id costs
+  no database read; one is made only when memory cannot vouch for the whole `request_id_window_s`.
   An id reused after that window is served anew, and the log's write of its row is refused by
   the unique index (logged as failed): the first row stays.
 - reactions (`serving.reactions`) are accepted from the client, and end user, that got the
@@ -49,9 +49,11 @@ told to the client. The front door, for hostile clients:
 Run it with `python -m serving.router --port 8400`.
 
 The pieces live beside it: `serving.router_config` (settings), `serving.routing` (who answers,
-rate limits), `serving.interactions` (the log), `serving.openai_schema` (the wire format),
-`serving.upstream` (the backend client), `serving.api_common` (what every route shares) and
-`serving.proxy` (forwarding with fallback); this module builds the app and runs it.
+rate limits), `serving.request_ids` (callers, X-Request-Id scoping and replays),
+`serving.interactions` (the log), `serving.openai_schema` (the wire format), `serving.upstream`
+(the backend client), `serving.api_common` (what every route shares), `serving.proxy`
+(forwarding with fallback) and `serving.router_server` (the app class with its chat fast lane,
+uvicorn in a thread); this module builds the app and runs it.
 """
 
 from __future__ import annotations
@@ -60,24 +62,17 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import hashlib
-import hmac
 import json
 import logging
 import math
 import secrets
-import socket
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -97,22 +92,19 @@ from serving.api_common import (
 from serving.interactions import InteractionLog, interaction_row
 from serving.openai_schema import (
     ERROR_RESPONSES,
-    SSE_DONE,
     ChatCompletionRequest,
     ErrorResponse,
     ModelCard,
     ModelList,
-    chunk_choice,
-    completion_chunk,
     completion_text,
     error_response,
     message_limit_errors,
-    sse_event,
-    stored_completion,
 )
-from serving.proxy import HEADER_INTERACTION, proxy_completion, proxy_stream
+from serving.proxy import proxy_completion, proxy_stream
 from serving.reactions import ReactionIn, reactions_router
-from serving.router_config import MODEL_TEMPLATES, RouterConfig, RouterError
+from serving.request_ids import Caller, CallerKeys, RequestLedger
+from serving.router_config import MODEL_TEMPLATES, RouterConfig
+from serving.router_server import RouterApp, RouterServer
 from serving.routing import (
     RoutingState,
     StateResolver,
@@ -133,87 +125,6 @@ from tasks.core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-# ---- who is calling, and what they asked before ------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Whom a valid key belongs to: a named client, or the admin."""
-
-    name: str
-    admin: bool = False
-
-
-ADMIN = Caller("admin", admin=True)
-
-
-@dataclass(slots=True)
-class RequestEntry:
-    """The interaction a (client, X-Request-Id) named, and its status once recorded."""
-
-    interaction_id: str
-    created: float  # epoch seconds
-    status: str | None = None  # the row's status (ok, backend_error, ...); None: in flight
-
-
-class RequestIds:
-    """(client, X-Request-Id) -> `RequestEntry` for the last `max_items` requests that sent one,
-    oldest out first: what a replay is answered from without reading the database.
-
-    `complete_since` (epoch seconds): every request id used after it is in memory. It is set
-    when `load` has read the window's ids from the database (until then it is +inf: any id
-    may exist) and raised past each entry evicted; an id not in memory `might_exist` only when
-    that does not cover the last `window_s`. Event-loop only.
-    """
-
-    def __init__(self, max_items: int, window_s: float) -> None:
-        self.max_items = max_items
-        self.window_s = window_s
-        self._entries: OrderedDict[tuple[str, str], RequestEntry] = OrderedDict()
-        self._loaded_from = math.inf
-        self._evicted_up_to = -math.inf
-
-    @property
-    def complete_since(self) -> float:
-        return max(self._loaded_from, self._evicted_up_to)
-
-    def might_exist(self, now: float) -> bool:
-        """Whether an id not in memory could still name an interaction of the window."""
-        return self.complete_since > now - self.window_s
-
-    def get(self, key: tuple[str, str]) -> RequestEntry | None:
-        return self._entries.get(key)
-
-    def put(self, key: tuple[str, str], entry: RequestEntry) -> None:
-        self._entries[key] = entry
-        self._trim()
-
-    def forget(self, key: tuple[str, str], interaction_id: str) -> None:
-        """Drop an in-flight entry that will never be recorded (its handler died)."""
-        entry = self._entries.get(key)
-        if entry is not None and entry.interaction_id == interaction_id and entry.status is None:
-            del self._entries[key]
-
-    def load(self, rows: Iterable[tuple[str, str, str, str, float]], loaded_from: float) -> None:
-        """Merge (client, request id, interaction id, status, created) rows read from the
-        database, newest first; memory is complete from `loaded_from` on."""
-        for client_id, request_id, interaction_id, status, created in rows:
-            key = (client_id, request_id)
-            if key not in self._entries:
-                self._entries[key] = RequestEntry(interaction_id, created, status)
-                self._entries.move_to_end(key, last=False)
-        self._loaded_from = loaded_from
-        self._trim()
-
-    def _trim(self) -> None:
-        while len(self._entries) > self.max_items:
-            _, evicted = self._entries.popitem(last=False)
-            self._evicted_up_to = max(self._evicted_up_to, evicted.created)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
 # ---- the app -----------------------------------------------------------------------------------
 
 
@@ -231,23 +142,15 @@ class Router:
         self.user_limiter = TokenBucketLimiter(config.rate_limit_per_s, config.rate_limit_burst)
         self.key_limiter = TokenBucketLimiter(config.key_rate_limit_per_s,
                                               config.key_rate_limit_burst)
-        # digest[:8] -> (digest, caller): one dict lookup, then a constant-time compare.
-        self._callers: dict[bytes, tuple[bytes, Caller]] = {}
-        for name, digest in config.clients.items():
-            self._add_key(digest, Caller(name))
-        if config.admin_key_sha256:
-            self._add_key(config.admin_key_sha256, ADMIN)
+        self.keys = CallerKeys(config.clients, config.admin_key_sha256)
         self._salt = config.user_hash_salt.get_secret_value()
         self.recent = RecentInteractions(config.recent_interactions_max)
-        self.requests = RequestIds(config.request_ids_max, config.request_id_window_s)
+        self.ledger = RequestLedger(config, engine, self.log)  # X-Request-Id scoping, replays
+        self.requests = self.ledger.requests  # what it holds in memory
         self.upstream: HttpxUpstream | AiohttpUpstream | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._mirror_slots = config.mirror_max_in_flight
         self.mirror_skipped = 0
-
-    def _add_key(self, digest: str, caller: Caller) -> None:
-        raw = bytes.fromhex(digest.removeprefix("sha256:"))
-        self._callers[raw[:8]] = (raw, caller)
 
     # -- lifecycle --
     async def start(self) -> None:
@@ -310,19 +213,11 @@ class Router:
                 log.exception("router: refresh failed")
 
     # -- auth and limits --
-    def identify(self, token: str) -> Caller | None:
-        """Whose key `token` is (a client or the admin), else None."""
-        digest = hashlib.sha256(token.encode()).digest()
-        entry = self._callers.get(digest[:8])
-        if entry is not None and hmac.compare_digest(entry[0], digest):
-            return entry[1]
-        return None
-
     def authenticate(self, credentials: HTTPAuthorizationCredentials | None) -> Caller | None:
         """The caller a Bearer credential names, else None."""
         if credentials is None or credentials.scheme.lower() != "bearer":
             return None
-        return self.identify(credentials.credentials)
+        return self.keys.identify(credentials.credentials)
 
     def authenticate_header(self, authorization: str | None) -> Caller | None:
         """`authenticate` for a raw Authorization header value (the chat hot path)."""
@@ -332,7 +227,7 @@ class Router:
         token = token.strip()
         if not token or scheme.lower() != "bearer":
             return None
-        return self.identify(token)
+        return self.keys.identify(token)
 
     @staticmethod
     def client_of(caller: Caller | None) -> str:
@@ -373,147 +268,7 @@ class Router:
         status for a replay of its X-Request-Id."""
         if self.log.submit(row):
             self.recent.add(row["id"], InteractionFacts.of_row(row))
-        if row["request_id"] is not None:
-            entry = self.requests.get((row["client_id"], row["request_id"]))
-            if entry is not None and entry.interaction_id == row["id"]:
-                entry.status = row["status"]
-
-    async def load_request_ids(self, retry_every_s: float = 5.0) -> None:
-        """Read the window's request ids from the database into memory (so a fresh id needs no
-        lookup); retried while the database is unreachable."""
-        while True:
-            try:
-                rows, loaded_from = await asyncio.to_thread(self._recent_request_ids)
-            except Exception as exc:  # noqa: BLE001 - unknown ids are looked up meanwhile
-                log.warning("router: cannot load recent request ids (retrying in %.0f s): %s",
-                            retry_every_s, str(exc).splitlines()[0] if str(exc) else exc)
-                await asyncio.sleep(retry_every_s)
-                continue
-            self.requests.load(rows, loaded_from)
-            log.info("router: %d recent request ids loaded", len(rows))
-            return
-
-    def _recent_request_ids(self) -> tuple[list[tuple[str, str, str, str, float]], float]:
-        from sqlalchemy import select
-
-        from tasks.core.db.engine import session_scope
-        from tasks.core.db.models import Interaction
-
-        started = time.time()
-        since = datetime.fromtimestamp(started - self.requests.window_s).astimezone()
-        with session_scope(self.engine) as session:
-            found = session.execute(
-                select(Interaction.client_id, Interaction.request_id, Interaction.id,
-                       Interaction.status, Interaction.created_at)
-                .where(Interaction.request_id.is_not(None), Interaction.created_at >= since)
-                .order_by(Interaction.created_at.desc())
-                .limit(self.requests.max_items)
-            ).all()
-        rows = [(client_id, request_id, interaction_id, status, created_at.timestamp())
-                for client_id, request_id, interaction_id, status, created_at in found
-                if client_id is not None]
-        if len(found) < self.requests.max_items:
-            return rows, started - self.requests.window_s
-        return rows, found[-1].created_at.timestamp()
-
-    def _stored_request(self, client_id: str, request_id: str) -> RequestEntry | None:
-        from sqlalchemy import select
-
-        from tasks.core.db.engine import session_scope
-        from tasks.core.db.models import Interaction
-
-        with session_scope(self.engine) as session:
-            found = session.execute(
-                select(Interaction.id, Interaction.status, Interaction.created_at)
-                .where(Interaction.client_id == client_id,
-                       Interaction.request_id == request_id)
-            ).first()
-        if found is None:
-            return None
-        return RequestEntry(found.id, found.created_at.timestamp(), found.status)
-
-    def _stored_answer(self, interaction_id: str) -> tuple[str, datetime] | None:
-        from sqlalchemy import select
-
-        from tasks.core.db.engine import session_scope
-        from tasks.core.db.models import Interaction
-
-        with session_scope(self.engine) as session:
-            found = session.execute(
-                select(Interaction.response, Interaction.created_at)
-                .where(Interaction.id == interaction_id, Interaction.status == "ok")
-            ).first()
-        return None if found is None else (found.response, found.created_at)
-
-    async def claim_request_id(self, client_id: str, request_id: str, interaction_id: str,
-                               *, stream: bool) -> Response | None:
-        """None when `request_id` is new for this client (it now names `interaction_id`, in
-        flight); else the answer to a replay: the stored answer, or a 409."""
-        key = (client_id, request_id)
-        entry = self.requests.get(key)
-        if entry is None and self.requests.might_exist(time.time()):
-            try:
-                found = await asyncio.wait_for(
-                    asyncio.to_thread(self._stored_request, client_id, request_id),
-                    self.config.db_wait_s)
-            except Exception as exc:  # noqa: BLE001 - availability first: served as new
-                log.warning("router: request id lookup failed, serving it as new: %s",
-                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                found = None
-            entry = self.requests.get(key)  # claimed while this request waited?
-            if entry is None and found is not None:
-                entry = found
-                self.requests.put(key, found)
-        if entry is None:
-            self.requests.put(key, RequestEntry(interaction_id, time.time()))
-            return None
-        return await self._replay(entry, request_id, stream=stream)
-
-    async def _replay(self, entry: RequestEntry, request_id: str, *, stream: bool) -> Response:
-        headers = {HEADER_INTERACTION: entry.interaction_id}
-        if entry.status is None:
-            return error_response(
-                409, f"the request with X-Request-Id {request_id!r} is still in flight; retry "
-                "once it is answered", param="x-request-id", code="request_in_flight",
-                headers={**headers, "Retry-After": "1"})
-        if entry.status != "ok":
-            return error_response(
-                409, f"the request with X-Request-Id {request_id!r} failed ({entry.status}); "
-                "send a new X-Request-Id to try again", param="x-request-id",
-                code="request_failed", headers=headers)
-        if self.log.is_pending(entry.interaction_id):
-            await asyncio.to_thread(self.log.wait_written, entry.interaction_id, 5.0)
-        try:
-            stored = await asyncio.wait_for(
-                asyncio.to_thread(self._stored_answer, entry.interaction_id),
-                self.config.db_wait_s)
-        except Exception as exc:  # noqa: BLE001 - the database is down: say when to retry
-            log.warning("router: cannot read the stored answer of %s: %s", entry.interaction_id,
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            return error_response(
-                503, "the stored answer cannot be read right now; retry later",
-                type_="api_error", code="database_unavailable",
-                headers={**headers, "Retry-After": "5"})
-        if stored is None:
-            return error_response(
-                409, f"the answer to X-Request-Id {request_id!r} was not stored; send a new "
-                "X-Request-Id to try again", param="x-request-id", code="request_failed",
-                headers=headers)
-        text, created_at = stored
-        completion = stored_completion(interaction_id=entry.interaction_id,
-                                       created=int(created_at.timestamp()),
-                                       model=self.config.public_model, text=text)
-        if not stream:
-            return Response(json.dumps(completion).encode(), media_type="application/json",
-                            headers=headers)
-        chunk = completion_chunk(completion_id=completion["id"], created=completion["created"],
-                                 model=completion["model"], fingerprint="",
-                                 choices=[chunk_choice({"role": "assistant", "content": text},
-                                                       "stop")])
-        body = (sse_event({**chunk, "interaction_id": entry.interaction_id})
-                + sse_event(SSE_DONE)).encode()
-        return Response(body, media_type="text/event-stream",
-                        headers={**headers, "Cache-Control": "no-cache"})
+        self.ledger.recorded(row)
 
     # -- proxying --
     def _backend_headers(self, variant: str) -> dict[str, str]:
@@ -575,40 +330,6 @@ class Router:
         ))
 
 
-class _RouterApp(FastAPI):
-    """FastAPI with a direct lane for the proxy hot path.
-
-    `POST /v1/chat/completions` goes straight to its handler: Starlette's middleware stack,
-    route matching and request/response wrappers were about a fifth of the router's CPU per
-    request, and the handler needs none of them (it reads headers and validates the body
-    itself). Its errors are answered exactly as the full stack would: the 422 handler for
-    validation errors, a logged 500 for anything unexpected. Every other route, the lifespan
-    and the OpenAPI document go through FastAPI as usual.
-    """
-
-    fast_routes: dict[tuple[str, str], Any]
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        handler = (self.fast_routes.get((scope["method"], scope["path"]))
-                   if scope["type"] == "http" and not scope.get("root_path") else None)
-        if handler is None:
-            await super().__call__(scope, receive, send)
-            return
-        scope["app"] = self
-        request = Request(scope, receive)
-        try:
-            response = await handler(request)
-        except RequestValidationError as exc:
-            response = validation_error_response(request, exc)
-        except Rejected as exc:
-            response = exc.response
-        except Exception:  # noqa: BLE001 - what ServerErrorMiddleware would do, as JSON
-            log.exception("router: unhandled error in %s %s", scope["method"], scope["path"])
-            response = error_response(500, "internal router error; see the router log",
-                                      type_="api_error", code="internal_error")
-        await response(scope, receive, send)
-
-
 async def _chat_completions(router: Router, request: Request) -> Any:
     """POST /v1/chat/completions: authenticate, validate, rate-limit, replay or route, forward."""
     # The hot path reads headers and validates the body itself: FastAPI's per-request
@@ -639,8 +360,8 @@ async def _chat_completions(router: Router, request: Request) -> Any:
     # Never derived from X-Request-Id (a client-chosen value): unguessable, whoever asks.
     interaction_id = secrets.token_hex(16)
     if request_id is not None:
-        replay = await router.claim_request_id(client_id, request_id, interaction_id,
-                                               stream=body.stream)
+        replay = await router.ledger.claim_request_id(client_id, request_id, interaction_id,
+                                                      stream=body.stream)
         if replay is not None:
             return replay
     state = router.resolver.state
@@ -690,7 +411,7 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await router.start()
-        router._spawn(router.load_request_ids())  # in the background: never holds start-up
+        router._spawn(router.ledger.load_request_ids())  # in the background: never holds start-up
         if config.gc_freeze:
             # Everything imported and built at start-up (FastAPI, pydantic, SQLAlchemy, MLflow's
             # client) is long-lived: move it out of the collector's reach, so a full collection
@@ -702,7 +423,7 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
         finally:
             await router.stop()
 
-    app = _RouterApp(title="tuneloop router", version="1.0", lifespan=lifespan,
+    app = RouterApp(title="tuneloop router", version="1.0", lifespan=lifespan,
                      description=__doc__.split("\n\n")[0])
     app.state.router = router
     app.add_exception_handler(RequestValidationError, validation_error_response)
@@ -807,54 +528,6 @@ def _pin_public_model_in_schema(app: FastAPI, config: RouterConfig) -> None:
 
 
 # ---- running it --------------------------------------------------------------------------------
-
-
-class RouterServer:
-    """Run an app under uvicorn in a background thread on an ephemeral port (tests, demos)."""
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.app = app
-        self.host = host
-        self.port = port
-        self.base_url = ""
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> RouterServer:
-        import uvicorn
-
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        sock.listen(2048)
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False,
-                                http="httptools", lifespan="on", backlog=2048,
-                                timeout_graceful_shutdown=5)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name=f"router-{port}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RouterError("the router did not start within 30 s (see the log above)")
-            time.sleep(0.01)
-        self.base_url = f"http://{self.host}:{port}/v1"
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-            if self._thread is not None:
-                self._thread.join(timeout=30)
-            self._server = None
-
-    def __enter__(self) -> RouterServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @contextlib.contextmanager

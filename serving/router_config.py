@@ -14,14 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from tasks.core.configs import http_url
-from tasks.core.settings import (
-    CLIENT_DIGEST,
-    DEFAULT_LOCAL_MODEL,
-    MAKE_A_SECRET,
-    Settings,
-    get_settings,
-)
-from tasks.core.settings import key_digest as key_digest  # re-exported: one definition, in core
+from tasks.core.secrets import CLIENT_DIGEST, MAKE_A_SECRET
+from tasks.core.secrets import key_digest as key_digest  # re-exported: one definition, in core
+from tasks.core.settings import DEFAULT_LOCAL_MODEL, Settings, get_settings
 
 VARIANTS = ("champion", "challenger")
 MODES = ("canary", "mirror", "off")

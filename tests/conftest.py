@@ -157,6 +157,30 @@ def data_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture()
+def clean_env(monkeypatch, tmp_path):
+    """No tuneloop/Airflow/MLflow variable (the suite sets AIRFLOW__DATABASE__SQL_ALCHEMY_CONN)
+    and no .env in the working directory."""
+    from tests.production_env import PRODUCTION_PREFIXES
+
+    for name in list(os.environ):
+        if name.startswith(PRODUCTION_PREFIXES) or name == "DATABASE_URL":
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+@pytest.fixture()
+def production(clean_env):
+    """A complete, valid production environment (tests/production_env.py): a test breaks one
+    variable of it to show that variable alone is refused."""
+    from tests.production_env import production_env
+
+    for name, value in production_env().items():
+        clean_env.setenv(name, value)
+    return clean_env
+
+
+@pytest.fixture()
 def fake_llm():
     """A running fake OpenAI-compatible server (see tests/fakes/fake_openai.py)."""
     from tests.fakes.fake_openai import FakeOpenAIServer

@@ -28,7 +28,7 @@ def failure_summary(context: dict) -> dict:
 
 
 def _redact(text: str) -> str:
-    from tasks.core.settings import redact_urls_in
+    from tasks.core.secrets import redact_urls_in
 
     return redact_urls_in(text)
 
@@ -53,7 +53,7 @@ def on_task_failure(context: dict) -> None:
 
 
 def _webhook_origin(url: str) -> str:
-    from tasks.core.settings import url_origin
+    from tasks.core.secrets import url_origin
 
     return url_origin(url)
 

@@ -2,7 +2,7 @@
 
 `init` writes a `.env` (mode 0600, next to docker-compose.yaml) with TUNELOOP_ENV=production and a
 fresh value for every secret the compose file requires; it never overwrites one without
-`--force`. Router clients are stored as key digests (`sha256:<hex>`, tasks.core.settings
+`--force`. Router clients are stored as key digests (`sha256:<hex>`, tasks.core.secrets
 .key_digest), so a key is shown once, on stderr, and kept nowhere: `client NAME` makes another,
 `revoke NAME` drops one; rotating a key is adding a new client, deploying it, moving the caller
 over, then revoking the old one. `check` runs the production checks of tasks.core.settings on
@@ -82,7 +82,7 @@ def production_env(*, airflow_uid: int, host_data_dir: str, docker_gid: int | No
                    client: str = "default") -> tuple[dict[str, str], str]:
     """Fresh values for every variable docker-compose.yaml requires, and the first router
     client's key (which the values hold only as a digest)."""
-    from tasks.core.settings import key_digest
+    from tasks.core.secrets import key_digest
 
     client_key = new_client_key()
     model_server_key = new_secret()
@@ -256,7 +256,7 @@ def _publish_clients(args: argparse.Namespace, clients: dict[str, str],
 
 
 def _client(args: argparse.Namespace) -> int:
-    from tasks.core.settings import key_digest
+    from tasks.core.secrets import key_digest
 
     if not CLIENT_NAME.fullmatch(args.name):
         raise UsageError(f"client name {args.name!r} must be 1-64 letters, digits, '.', '_' or "

@@ -7,8 +7,9 @@ server for every LLM role. A wrong value fails at start with a message naming th
 an example of a right one.
 
 TUNELOOP_ENV=production (what docker-compose.yaml sets) refuses to start on a secret that is
-unset, a publicly known default or too short: every service, DAG task and CLI command builds its
-settings here, so none can run with the development keys. The checks, all reported at once:
+unset, a publicly known default or too short (those defaults, and the redaction helpers, are in
+tasks.core.secrets, which reads no environment): every service, DAG task and CLI command builds
+its settings here, so none can run with the development keys. The checks, all reported at once:
 
 - always: TUNELOOP_USER_HASH_SALT, TUNELOOP_ROUTER_ADMIN_KEY, the router's client keys
   (TUNELOOP_ROUTER_CLIENTS digests, or TUNELOOP_ROUTER_API_KEY), TUNELOOP_MODEL_SERVER_API_KEY,
@@ -28,12 +29,10 @@ the checks without starting anything.
 from __future__ import annotations
 
 import functools
-import hashlib
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -47,6 +46,25 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.core.configs import http_url
+from tasks.core.secrets import (
+    CLIENT_DIGEST,
+    DEV_MODEL_SERVER_ADMIN_KEY,
+    DEV_MODEL_SERVER_API_KEY,
+    DEV_REGISTRY_SIGNING_KEY,
+    DEV_ROUTER_ADMIN_KEY,
+    DEV_ROUTER_API_KEY,
+    DEV_USER_HASH_SALT,
+    FRESH_PASSWORD,
+    FRESH_SECRET,
+    KNOWN_DEFAULT_SECRETS,
+    MAKE_A_FERNET_KEY,
+    MAKE_A_SECRET,
+    MIN_PASSWORD_CHARS,
+    MIN_SECRET_CHARS,
+    key_digest,
+    redact_url,
+    secret_problem,
+)
 
 LLM_ROLES = ("generator", "user_sim", "tagger", "judge", "judge2")
 LlmRole = Literal["generator", "user_sim", "tagger", "judge", "judge2"]
@@ -54,97 +72,10 @@ LlmRole = Literal["generator", "user_sim", "tagger", "judge", "judge2"]
 DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_SERVER_PORT = 8300
 DEFAULT_ROUTER_PORT = 8400
-DEV_USER_HASH_SALT = "tuneloop-dev-salt-change-me"
-DEV_ROUTER_API_KEY = "tuneloop-dev-key"
-DEV_ROUTER_ADMIN_KEY = "tuneloop-dev-admin-key"
-DEV_MODEL_SERVER_API_KEY = "tuneloop-local"
-DEV_MODEL_SERVER_ADMIN_KEY = "tuneloop-local-admin"
-DEV_REGISTRY_SIGNING_KEY = "tuneloop-dev-registry-key"
-MAKE_A_SECRET = "python -c 'import secrets; print(secrets.token_hex(32))'"
-MAKE_A_FERNET_KEY = ("python -c 'from cryptography.fernet import Fernet; "
-                     "print(Fernet.generate_key().decode())'")
-# Shortest accepted secret key / password in production (MLflow's own password minimum is 12).
-MIN_SECRET_CHARS = 16
-MIN_PASSWORD_CHARS = 12
-# Publicly known values no production deployment may run with: tuneloop's development keys, the
-# placeholder of the compose file tuneloop grew from, Airflow's and MLflow's defaults.
-KNOWN_DEFAULT_SECRETS = frozenset({
-    DEV_USER_HASH_SALT, DEV_ROUTER_API_KEY, DEV_ROUTER_ADMIN_KEY, DEV_MODEL_SERVER_API_KEY,
-    DEV_MODEL_SERVER_ADMIN_KEY, DEV_REGISTRY_SIGNING_KEY, "tuneloop-dev-salt",
-    "change-me-in-production", "{JWT_SECRET_KEY}", "{FERNET_KEY}",  # Airflow config templates
-    "admin", "airflow", "password", "password1234", "changeme", "secret",  # Airflow, MLflow
-    "tuneloop", "postgres",  # the database passwords compose used to default to
-})
-# A router client's stored key: "sha256:" + the hex SHA-256 of the key (key_digest()).
-CLIENT_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # Set in every Airflow component (each needs its metadata database) and in no tuneloop service.
 AIRFLOW_PROCESS_VARIABLES = ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
                              "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_CMD",
                              "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_SECRET")
-_DEV_SECRETS = frozenset({DEV_USER_HASH_SALT, DEV_ROUTER_API_KEY, DEV_ROUTER_ADMIN_KEY,
-                          DEV_MODEL_SERVER_API_KEY, DEV_MODEL_SERVER_ADMIN_KEY,
-                          DEV_REGISTRY_SIGNING_KEY})
-_FRESH_SECRET = (f"set a fresh one: `tuneloop secrets init` writes all of them into .env, or "
-                 f"{MAKE_A_SECRET}")
-_FRESH_PASSWORD = (f"set a fresh one of {MIN_PASSWORD_CHARS}+ characters: `tuneloop secrets "
-                   f"init` writes all of them into .env, or {MAKE_A_SECRET}")
-
-
-def key_digest(key: str) -> str:
-    """How a router client key is stored (TUNELOOP_ROUTER_CLIENTS): "sha256:<hex>"."""
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-
-
-def redact_url(url: str) -> str:
-    """`url` with its password (and any query string, which may carry tokens) masked, for logs
-    and errors: postgresql://user:***@host/db. Not a URL: returned as it is."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "<unparsable URL>"
-    if not parts.scheme or not parts.netloc:
-        return url
-    netloc = parts.netloc
-    if password is not None:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostinfo}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
-
-
-_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^:/?#@\s]*):[^/\s]+@")
-
-
-def redact_urls_in(text: str) -> str:
-    """`text` (an error message, a log line) with the password of every URL in it masked."""
-    return _URL_PASSWORD.sub(r"\1:***@", text)
-
-
-def url_origin(url: str) -> str:
-    """Only scheme://host[:port] of `url`: for URLs whose path is itself a secret (a Slack or
-    Teams webhook)."""
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        return "<unparsable URL>"
-    if not parts.scheme or not host:
-        return "<not a URL>"
-    return f"{parts.scheme}://{host}" + (f":{port}" if port else "")
-
-
-def _secret_problem(value: str | None, *, min_chars: int = MIN_SECRET_CHARS,
-                    defaults: Iterable[str] = KNOWN_DEFAULT_SECRETS) -> str | None:
-    """Why `value` is not a production secret (None: it is one)."""
-    if not value:
-        return "is unset"
-    if value in _DEV_SECRETS:
-        return "is the development default (public: it is in tuneloop's source)"
-    if value in set(defaults):
-        return "is a publicly known default"
-    if len(value) < min_chars:
-        return f"is shorter than {min_chars} characters"
-    return None
 
 
 def _plain(value: SecretStr | str | None) -> str | None:
@@ -156,10 +87,10 @@ def _in_production(info: ValidationInfo) -> bool:
 
 
 def _require_secret(value: SecretStr | str | None, info: ValidationInfo, *,
-                    min_chars: int = MIN_SECRET_CHARS, fix: str = _FRESH_SECRET) -> None:
+                    min_chars: int = MIN_SECRET_CHARS, fix: str = FRESH_SECRET) -> None:
     if not _in_production(info):
         return
-    problem = _secret_problem(_plain(value), min_chars=min_chars)
+    problem = secret_problem(_plain(value), min_chars=min_chars)
     if problem:
         raise ValueError(f"{problem}, and TUNELOOP_ENV=production; {fix}")
 
@@ -173,7 +104,7 @@ class Endpoint(BaseModel):
 
     base_url: str
     model: str
-    api_key: SecretStr = SecretStr("tuneloop-local")
+    api_key: SecretStr = SecretStr(DEV_MODEL_SERVER_API_KEY)
     timeout_s: float = 120.0
     max_concurrency: int = 16
 
@@ -436,7 +367,7 @@ class Settings(BaseSettings):
                 api_key.get_secret_value() == value.get_secret_value():
             raise ValueError(
                 "equals TUNELOOP_MODEL_SERVER_API_KEY, and TUNELOOP_ENV=production: every "
-                f"caller would be an admin; {_FRESH_SECRET}")
+                f"caller would be an admin; {FRESH_SECRET}")
         return value
 
     @field_validator("llm_api_key", *(f"{r}_api_key" for r in LLM_ROLES))
@@ -456,7 +387,7 @@ class Settings(BaseSettings):
                             info: ValidationInfo) -> SecretStr | None:
         if _airflow_checks(info) and not info.data.get("airflow_jwt_secret_elsewhere"):
             # Anyone with a known JWT secret can mint tokens for the execution and public APIs.
-            _require_secret(value, info, min_chars=32, fix=_FRESH_SECRET + " (32+ characters)")
+            _require_secret(value, info, min_chars=32, fix=FRESH_SECRET + " (32+ characters)")
         return value
 
     @field_validator("airflow_fernet_key")
@@ -486,7 +417,7 @@ class Settings(BaseSettings):
     def _airflow_admin_password(cls, value: SecretStr | None,
                                 info: ValidationInfo) -> SecretStr | None:
         if value is not None and _airflow_checks(info):
-            _require_secret(value, info, min_chars=MIN_PASSWORD_CHARS, fix=_FRESH_PASSWORD)
+            _require_secret(value, info, min_chars=MIN_PASSWORD_CHARS, fix=FRESH_PASSWORD)
         return value
 
     @field_validator("mlflow_tracking_username")
@@ -512,7 +443,7 @@ class Settings(BaseSettings):
     def _mlflow_password(cls, value: SecretStr | None,
                          info: ValidationInfo) -> SecretStr | None:
         if _mlflow_auth_checks(info):
-            _require_secret(value, info, min_chars=MIN_PASSWORD_CHARS, fix=_FRESH_PASSWORD)
+            _require_secret(value, info, min_chars=MIN_PASSWORD_CHARS, fix=FRESH_PASSWORD)
         return value
 
     @field_validator("llm_max_concurrency", "model_server_port", "router_port")

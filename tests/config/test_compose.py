@@ -23,7 +23,7 @@ def compose() -> dict:
 PROFILES = ("celery", "gpu", "vllm", "ollama")
 APP_IMAGE = "tuneloop:latest"  # the image of Airflow, the router and the model server
 INTERNAL_ONLY = ("model-server", "mlflow", "vllm", "ollama")
-# Values no rendered config may hold (tasks.core.settings.KNOWN_DEFAULT_SECRETS has them all).
+# Values no rendered config may hold (tasks.core.secrets.KNOWN_DEFAULT_SECRETS has them all).
 PLACEHOLDERS = ("change-me", "password1234", "tuneloop-dev", "tuneloop-local")
 
 
@@ -148,7 +148,7 @@ SECRET_NAME = re.compile(r"PASSWORD|SECRET|_KEY$|SALT|CLIENTS|TOKEN")
 
 
 def test_no_known_default_secret_anywhere_in_the_rendered_config(rendered):
-    from tasks.core.settings import KNOWN_DEFAULT_SECRETS
+    from tasks.core.secrets import KNOWN_DEFAULT_SECRETS
 
     secrets_seen = 0
     for name, svc in rendered["services"].items():

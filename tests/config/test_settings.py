@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 
 import pytest
 
 from tasks.core.settings import SettingsError, load_settings
+from tests.production_env import fernet_key
 
 
 def test_defaults_point_every_role_at_the_local_model_server(monkeypatch):
@@ -81,59 +81,7 @@ def test_bad_router_rate_limit_names_the_variable(monkeypatch, var, value, messa
 
 
 # ---- production mode: no development or known-default secret ----------------------------------
-
-_PRODUCTION_PREFIXES = ("TUNELOOP_", "AIRFLOW_", "AIRFLOW__", "MLFLOW_")
-
-
-def _fernet_key() -> str:
-    from cryptography.fernet import Fernet
-
-    return Fernet.generate_key().decode()
-
-
-@pytest.fixture()
-def clean_env(monkeypatch, tmp_path):
-    """No tuneloop/Airflow/MLflow variable (the suite sets AIRFLOW__DATABASE__SQL_ALCHEMY_CONN)
-    and no .env in the working directory."""
-    for name in list(os.environ):
-        if name.startswith(_PRODUCTION_PREFIXES) or name == "DATABASE_URL":
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    return monkeypatch
-
-
-def _production_env() -> dict[str, str]:
-    """A complete production environment, as docker compose hands it to an Airflow task."""
-    from tasks.core.settings import key_digest
-
-    model_server_key = secrets.token_hex(32)
-    return {
-        "TUNELOOP_ENV": "production",
-        "DATABASE_URL": f"postgresql://tuneloop:{secrets.token_urlsafe(24)}@postgres/tuneloop",
-        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
-        "MLFLOW_TRACKING_USERNAME": "tuneloop",
-        "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(24),
-        "TUNELOOP_USER_HASH_SALT": secrets.token_hex(32),
-        "TUNELOOP_ROUTER_ADMIN_KEY": secrets.token_hex(32),
-        "TUNELOOP_ROUTER_CLIENTS": json.dumps({"web": key_digest(secrets.token_hex(32))}),
-        "TUNELOOP_MODEL_SERVER_API_KEY": model_server_key,
-        "TUNELOOP_LLM_API_KEY": model_server_key,
-        "TUNELOOP_MODEL_SERVER_ADMIN_KEY": secrets.token_hex(32),
-        "TUNELOOP_REGISTRY_SIGNING_KEY": secrets.token_hex(32),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN":
-            f"postgresql+psycopg2://tuneloop:{secrets.token_hex(16)}@postgres/airflow",
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
-        "AIRFLOW__CORE__FERNET_KEY": _fernet_key(),
-        "AIRFLOW_ADMIN_PASSWORD": secrets.token_urlsafe(24),
-    }
-
-
-@pytest.fixture()
-def production(clean_env):
-    env = _production_env()
-    for name, value in env.items():
-        clean_env.setenv(name, value)
-    return clean_env
+# The `clean_env` and `production` fixtures are in tests/conftest.py.
 
 
 def _problems(message: str) -> list[str]:
@@ -147,7 +95,7 @@ def test_a_complete_production_environment_starts(production):
 
 
 def test_dev_mode_keeps_every_default_for_the_offline_demo(clean_env):
-    from tasks.core.settings import DEV_ROUTER_API_KEY, key_digest
+    from tasks.core.secrets import DEV_ROUTER_API_KEY, key_digest
 
     settings = load_settings()
     assert settings.env == "dev"
@@ -188,7 +136,7 @@ REFUSED = [
                          ids=[f"{v}={'unset' if x is None else x or 'empty'}" for v, x in REFUSED])
 def test_production_refuses_a_missing_or_default_secret_naming_the_variable(production,
                                                                              variable, value):
-    from tasks.core.settings import MAKE_A_SECRET
+    from tasks.core.secrets import MAKE_A_SECRET
 
     if value is None:
         production.delenv(variable, raising=False)
@@ -238,9 +186,9 @@ def test_airflow_secrets_given_through_cmd_or_secret_backends_are_not_required(p
 
 
 def test_a_rotating_fernet_key_pair_is_accepted_and_each_key_is_validated(production):
-    production.setenv("AIRFLOW__CORE__FERNET_KEY", f"{_fernet_key()},{_fernet_key()}")
+    production.setenv("AIRFLOW__CORE__FERNET_KEY", f"{fernet_key()},{fernet_key()}")
     load_settings()
-    production.setenv("AIRFLOW__CORE__FERNET_KEY", f"{_fernet_key()},bogus")
+    production.setenv("AIRFLOW__CORE__FERNET_KEY", f"{fernet_key()},bogus")
     with pytest.raises(SettingsError, match="AIRFLOW__CORE__FERNET_KEY: key 2 of 2"):
         load_settings()
 
@@ -256,7 +204,7 @@ def test_mlflow_login_is_needed_only_for_a_tracking_server(production):
 
 
 def test_a_strong_router_api_key_replaces_the_clients(production):
-    from tasks.core.settings import key_digest
+    from tasks.core.secrets import key_digest
 
     key = secrets.token_hex(32)
     production.delenv("TUNELOOP_ROUTER_CLIENTS")
@@ -278,7 +226,7 @@ def test_the_model_server_admin_key_must_differ_from_its_api_key(production):
 def test_key_digest_is_sha256_hex_with_a_prefix():
     import hashlib
 
-    from tasks.core.settings import CLIENT_DIGEST, key_digest
+    from tasks.core.secrets import CLIENT_DIGEST, key_digest
 
     assert key_digest("k") == "sha256:" + hashlib.sha256(b"k").hexdigest()
     assert CLIENT_DIGEST.fullmatch(key_digest("k"))
@@ -323,13 +271,13 @@ def test_settings_repr_shows_no_secret(production):
     ("not a url", "not a url"),
 ])
 def test_redact_url(url, shown):
-    from tasks.core.settings import redact_url
+    from tasks.core.secrets import redact_url
 
     assert redact_url(url) == shown
 
 
 def test_redact_urls_in_masks_every_password_in_a_text():
-    from tasks.core.settings import redact_urls_in
+    from tasks.core.secrets import redact_urls_in
 
     text = "connect postgresql://a:s3cr@t@db/x failed; retry http://b:tok3n@h/v1 or http://h/"
     assert redact_urls_in(text) == ("connect postgresql://a:***@db/x failed; retry "

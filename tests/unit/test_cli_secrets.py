@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 
 import pytest
 
 from tasks.cli import main
-from tasks.core.settings import CLIENT_DIGEST, KNOWN_DEFAULT_SECRETS, key_digest
+from tasks.core.secrets import CLIENT_DIGEST, KNOWN_DEFAULT_SECRETS, key_digest
 
 COMPOSE_SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "TUNELOOP_USER_HASH_SALT",
                    "TUNELOOP_ROUTER_ADMIN_KEY", "TUNELOOP_MODEL_SERVER_API_KEY",
@@ -20,13 +19,8 @@ COMPOSE_SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "TUNELOOP_USER_HASH_SA
 
 
 @pytest.fixture(autouse=True)
-def workdir(monkeypatch, tmp_path):
-    """Run in an empty folder with no tuneloop/Airflow/MLflow variable set."""
-    for name in list(os.environ):
-        if name.startswith(("TUNELOOP_", "AIRFLOW_", "AIRFLOW__", "MLFLOW_")) or \
-                name == "DATABASE_URL":
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+def workdir(clean_env, tmp_path):
+    """Run in an empty folder with no tuneloop/Airflow/MLflow variable set (clean_env)."""
     return tmp_path
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from tasks.core.settings import DEV_USER_HASH_SALT, MAKE_A_SECRET, SettingsError, get_settings
+from tasks.core.secrets import DEV_USER_HASH_SALT, MAKE_A_SECRET
+from tasks.core.settings import SettingsError, get_settings
 
 # Fields whose values identify a user: replaced by the salted hash.
 USER_ID_FIELDS = frozenset({"user_id", "userid", "user", "user_hash", "account_id", "customer_id"})

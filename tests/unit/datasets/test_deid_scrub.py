@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tasks.core.settings import DEV_USER_HASH_SALT, SettingsError, get_settings, load_settings
+from tasks.core.secrets import DEV_USER_HASH_SALT
+from tasks.core.settings import SettingsError, get_settings, load_settings
 from tasks.datasets import deid
 from tasks.datasets.deid import (
     REDACTED,
@@ -74,21 +75,29 @@ def test_a_64_hex_user_id_is_hashed_like_any_other_never_passed_through():
     assert scrub_value({"user": already}, salt="s" * 32) == {"user": hashed}
 
 
-def test_production_refuses_a_missing_or_default_salt_naming_the_variable(monkeypatch):
-    monkeypatch.setenv("TUNELOOP_ENV", "production")
-    monkeypatch.delenv("TUNELOOP_USER_HASH_SALT", raising=False)
-    with pytest.raises(SettingsError, match="TUNELOOP_USER_HASH_SALT.*secrets.token_hex"):
+def _only_problem(error: pytest.ExceptionInfo[SettingsError]) -> str:
+    """The one problem line of a settings error (its first line is the heading)."""
+    problems = str(error.value).splitlines()[1:]
+    assert len(problems) == 1, problems
+    return problems[0].strip()
+
+
+def test_production_refuses_a_missing_or_default_salt_naming_the_variable(production):
+    # Every other production secret is valid (the `production` fixture): only the salt is wrong.
+    production.delenv("TUNELOOP_USER_HASH_SALT", raising=False)
+    with pytest.raises(SettingsError, match="TUNELOOP_USER_HASH_SALT.*secrets.token_hex") as err:
         load_settings()
-    monkeypatch.setenv("TUNELOOP_USER_HASH_SALT", DEV_USER_HASH_SALT)
-    with pytest.raises(SettingsError, match="TUNELOOP_USER_HASH_SALT"):
+    assert _only_problem(err).startswith("TUNELOOP_USER_HASH_SALT: ")
+    production.setenv("TUNELOOP_USER_HASH_SALT", DEV_USER_HASH_SALT)
+    with pytest.raises(SettingsError, match="TUNELOOP_USER_HASH_SALT") as err:
         load_settings()
-    monkeypatch.setenv("TUNELOOP_USER_HASH_SALT", "f" * 64)
+    assert _only_problem(err).startswith("TUNELOOP_USER_HASH_SALT: ")
+    production.setenv("TUNELOOP_USER_HASH_SALT", "f" * 64)
     assert load_settings().env == "production"
 
 
-def test_hashing_with_the_default_salt_outside_dev_mode_is_an_error(monkeypatch):
-    monkeypatch.setenv("TUNELOOP_ENV", "production")
-    monkeypatch.setenv("TUNELOOP_USER_HASH_SALT", "f" * 64)
+def test_hashing_with_the_default_salt_outside_dev_mode_is_an_error(production):
+    production.setenv("TUNELOOP_USER_HASH_SALT", "f" * 64)
     get_settings.cache_clear()
     try:
         with pytest.raises(SettingsError, match="TUNELOOP_USER_HASH_SALT"):

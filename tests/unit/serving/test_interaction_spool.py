@@ -18,24 +18,6 @@ from serving.interactions import InteractionLog, interaction_row, reaction_row
 from serving.spool import Batch, Spool
 from tasks.core.db.engine import engine_for, session_scope
 from tasks.core.db.models import Interaction, Reaction
-from tests.fakes.tcp_proxy import TcpProxy
-
-
-@pytest.fixture()
-def proxy(database_url: str) -> Iterator[TcpProxy]:
-    try:
-        proxy = TcpProxy.in_front_of(database_url)
-    except ValueError as exc:
-        pytest.skip(str(exc))
-    with proxy:
-        yield proxy
-
-
-@pytest.fixture()
-def proxied_engine(proxy: TcpProxy, database_url: str):
-    engine = engine_for(proxy.url_for(database_url))
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture()

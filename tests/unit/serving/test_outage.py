@@ -14,40 +14,20 @@ import os
 import statistics
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import pytest
 from sqlalchemy import func, select
 
 from serving.interactions import InteractionLog, interaction_row, reaction_row
-from tasks.core.db.engine import engine_for, session_scope
+from tasks.core.db.engine import session_scope
 from tasks.core.db.models import Interaction, Reaction
-from tests.fakes.tcp_proxy import TcpProxy
 
 OUTAGE_S = float(os.environ.get("TUNELOOP_TEST_OUTAGE_S", "60"))
 RATE_PER_S = float(os.environ.get("TUNELOOP_TEST_OUTAGE_RATE", "50"))
 ROUTER_OUTAGE_S = float(os.environ.get("TUNELOOP_TEST_ROUTER_OUTAGE_S", "5"))
 REACTION_EVERY = 3  # a reaction for every third answer
-
-
-@pytest.fixture()
-def proxy(database_url: str) -> Iterator[TcpProxy]:
-    try:
-        proxy = TcpProxy.in_front_of(database_url)
-    except ValueError as exc:
-        pytest.skip(str(exc))
-    with proxy:
-        yield proxy
-
-
-@pytest.fixture()
-def proxied_engine(proxy: TcpProxy, database_url: str):
-    engine = engine_for(proxy.url_for(database_url))
-    yield engine
-    engine.dispose()
 
 
 @dataclass
@@ -173,8 +153,9 @@ def test_the_router_keeps_answering_through_an_outage_and_logs_every_interaction
     """Short (TUNELOOP_TEST_ROUTER_OUTAGE_S, default 5 s): the router answers every chat request
     while PostgreSQL is down and takes reactions to them, and every interaction id it returned
     and every reaction it accepted is stored once the database is back."""
-    from serving.router import RouterServer, create_router_app
+    from serving.router import create_router_app
     from serving.router_config import BackendConfig, RouterConfig
+    from serving.router_server import RouterServer
     from tests.fakes.fake_openai import FakeOpenAIServer
 
     with FakeOpenAIServer(model_ids=("champ-base",)) as backend:

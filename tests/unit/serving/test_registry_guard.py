@@ -14,8 +14,9 @@ import uuid
 import httpx
 import pytest
 
-from serving.router import RouterServer, create_router_app
+from serving.router import create_router_app
 from serving.router_config import BackendConfig, RouterConfig, key_digest
+from serving.router_server import RouterServer
 from serving.routing import StateResolver
 from tasks.shadow.stage import deploy_challenger
 from tests.fakes.fake_openai import FakeOpenAIServer

@@ -16,8 +16,9 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from serving.openai_schema import SSEText
-from serving.router import RouterServer, create_router_app
+from serving.router import create_router_app
 from serving.router_config import BackendConfig, RouterConfig, key_digest
+from serving.router_server import RouterServer
 from serving.routing import TokenBucketLimiter, choose_variant, hash_user, user_bucket
 from tasks.core.db.engine import session_scope
 from tasks.core.db.models import Interaction, Reaction

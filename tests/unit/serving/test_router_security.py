@@ -21,15 +21,16 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from serving.openai_schema import SSEText
-from serving.router import RequestEntry, RequestIds, RouterServer, create_router_app
+from serving.request_ids import RequestEntry, RequestIds
+from serving.router import create_router_app
 from serving.router_config import BackendConfig, RouterConfig, key_digest
-from tasks.core.db.engine import engine_for, session_scope
+from serving.router_server import RouterServer
+from tasks.core.db.engine import session_scope
 from tasks.core.db.models import Interaction, Reaction
 from tasks.core.ids import stable_id
 from tasks.core.settings import load_settings
 from tasks.shadow.stage import deploy_challenger
 from tests.fakes.fake_openai import FakeOpenAIServer
-from tests.fakes.tcp_proxy import TcpProxy
 
 WEB_KEY = "web-client-key-0123456789"
 APP_KEY = "app-client-key-0123456789"
@@ -308,14 +309,19 @@ def test_interaction_ids_are_32_hex_from_secrets_never_from_the_request_id(serve
     assert web != stable_id("interaction", "web", request_id)
 
 
+def wait_for_mode(running, mode: str, timeout_s: float = 5.0) -> None:
+    """Until the router serves the deployment just made (it re-reads it every 0.1 s)."""
+    deadline = time.monotonic() + timeout_s
+    while running.admin.get("/router/state").json()["routing"]["mode"] != mode:
+        assert time.monotonic() < deadline, f"the router never switched to {mode}"
+        time.sleep(0.05)
+
+
 def test_no_response_names_the_variant(serve, backend, security_engine, model_name):
     deploy_challenger("2", champion_version="1", mode="canary", share=1.0,
                       model_name=model_name, engine=security_engine)
     running = serve()
-    deadline = time.monotonic() + 5
-    while running.admin.get("/router/state").json()["routing"]["mode"] != "canary":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_mode(running, "canary")
     interaction_id = answered(running, running.web)
     responses = [
         chat(running.web, user="alice"),
@@ -597,10 +603,7 @@ def test_mirror_copies_cannot_be_reacted_to(serve, security_engine, model_name):
     deploy_challenger("2", champion_version="1", mode="mirror", share=1.0,
                       model_name=model_name, engine=security_engine)
     running = serve()
-    deadline = time.monotonic() + 5
-    while running.admin.get("/router/state").json()["routing"]["mode"] != "mirror":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_mode(running, "mirror")
     parent = answered(running, running.web)
     mirror_id = stable_id("mirror", parent)  # derivable by the client from its own id
     assert running.router.log.flush(10)
@@ -614,26 +617,9 @@ def test_mirror_copies_cannot_be_reacted_to(serve, security_engine, model_name):
 # ---- reactions while PostgreSQL is down --------------------------------------------------------
 
 
-@pytest.fixture()
-def proxied_engine(make_database) -> Iterator[tuple]:
-    """(engine through a TCP proxy, the proxy) on a fresh migrated database."""
-    from tasks.core.db.engine import migrate
-
-    url = make_database("tuneloop_router_outage")
-    migrate(engine_for(url))
-    try:
-        proxy = TcpProxy.in_front_of(url)
-    except ValueError as exc:
-        pytest.skip(str(exc))
-    with proxy:
-        engine = engine_for(proxy.url_for(url))
-        yield engine, proxy
-        engine.dispose()
-
-
 def test_while_the_database_is_down_a_checked_reaction_is_queued_then_written(
-        serve, proxied_engine):
-    engine, proxy = proxied_engine
+        serve, proxy, proxied_engine):
+    engine = proxied_engine  # through the TCP proxy (tests/unit/serving/conftest.py)
     running = serve(engine=engine, db_wait_s=2.0)
     interaction_id = answered(running, running.web)
     proxy.down()

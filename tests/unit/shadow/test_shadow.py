@@ -15,8 +15,9 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from serving.router import RouterServer, create_router_app
+from serving.router import create_router_app
 from serving.router_config import BackendConfig, RouterConfig, key_digest
+from serving.router_server import RouterServer
 from serving.routing import StateResolver
 from tasks.core.db.engine import session_scope, upsert
 from tasks.core.db.models import ComparisonReport, Deployment, Interaction, Reaction

@@ -9,8 +9,9 @@ import uuid
 
 import pytest
 
-from serving.router import RouterServer, create_router_app
+from serving.router import create_router_app
 from serving.router_config import BackendConfig, RouterConfig
+from serving.router_server import RouterServer
 from tasks.shadow.compare import compare_variants
 from tasks.shadow.config import SignalWindows
 from tasks.shadow.simulate import plan_reaction, simulate_traffic, taxonomy_prompts

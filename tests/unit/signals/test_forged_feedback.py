@@ -18,8 +18,9 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from serving.router import RouterServer, create_router_app
+from serving.router import create_router_app
 from serving.router_config import BackendConfig, RouterConfig, key_digest
+from serving.router_server import RouterServer
 from tasks.core.db.engine import session_scope
 from tasks.core.db.models import Interaction, Reaction
 from tasks.signals.stage import build_reaction_dataset, count_new_signals, label_interactions
