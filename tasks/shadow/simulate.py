@@ -102,8 +102,8 @@ def stored_variants(engine: Any, interaction_ids: Sequence[str], *, timeout_s: f
     deadline = time.monotonic() + timeout_s
     while True:
         missing = sorted(wanted - found.keys())
-        for start in range(0, len(missing), 1000):
-            with session_scope(engine) as session:
+        with session_scope(engine) as session:  # one session per poll
+            for start in range(0, len(missing), 1000):
                 found.update(session.execute(
                     select(Interaction.id, Interaction.variant)
                     .where(Interaction.id.in_(missing[start:start + 1000]))).tuples().all())

@@ -39,9 +39,9 @@ class SignalConfig(BaseModel):
     # Numbered placeholders (<PERSON_1>, <EMAIL_1>) consistent within an interaction instead of
     # plain typed ones: who said what stays readable, nobody is identified.
     pseudonymize: bool = False
-    # At most this many examples (SFT rows and DPO sides together) from one hashed user per
-    # dataset, so one prolific (or hostile) user cannot steer the model; 0 = no cap. Which of a
-    # user's examples stay is a stable hash order of their interaction ids.
+    # At most this many examples (SFT rows and DPO sides together) from one hashed user — or
+    # one API client's anonymous traffic — per dataset, so one prolific (or hostile) user cannot
+    # steer the model; 0 = no cap. Which examples stay is a stable hash order of their ids.
     max_examples_per_user: int = 50
 
     @field_validator("since_dataset_id", "model_name", mode="before")
@@ -50,18 +50,10 @@ class SignalConfig(BaseModel):
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("done_min_ms", "done_max_ms", "dismiss_max_ms", "min_positive",
-                     "min_negative")
+                     "min_negative", "max_examples_per_user")
     @classmethod
     def _non_negative(cls, value: int, info: Any) -> int:
         return at_least(value, 0, info.field_name, field_default(cls, info.field_name))
-
-    @field_validator("max_examples_per_user")
-    @classmethod
-    def _per_user_cap(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"max_examples_per_user must be >= 0 (got {value}); set "
-                             "max_examples_per_user: 50 to cap each user, or 0 for no cap")
-        return value
 
     @field_validator("pair_similarity")
     @classmethod

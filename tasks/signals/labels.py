@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sqlalchemy import bindparam, case, or_, select, text
+from sqlalchemy import bindparam, case, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from tasks.core.db.models import Dataset, DatasetItem, Interaction, Reaction, UserErasure
@@ -95,8 +95,14 @@ def label_interactions(session: Session, cfg: SignalConfig,
                        since_dataset_id: str | None = None) -> Labels:
     """Classify every served interaction with a positive/negative-type reaction, then drop the
     examples with an unverified assistant turn and those over the per-user cap."""
+    # Anonymous requests get a random user_hash each, so the cap counts them per API client:
+    # otherwise one client could send any number of anonymous examples.
+    contributor = case(
+        (Interaction.context["anonymous"].as_boolean().is_(True),
+         func.concat("anon:", func.coalesce(Interaction.client_id, ""))),
+        else_=Interaction.user_hash)
     stmt = (select(Reaction.interaction_id, Reaction.reaction, Reaction.dwell_ms,
-                   Interaction.user_hash, _exclusion().label("excluded"))
+                   contributor.label("contributor"), _exclusion().label("excluded"))
             .join(Interaction, Interaction.id == Reaction.interaction_id)
             .outerjoin(UserErasure, UserErasure.user_hash == Interaction.user_hash)
             .where(Reaction.reaction.in_([cfg.positive_reaction, cfg.negative_reaction])))
@@ -106,7 +112,7 @@ def label_interactions(session: Session, cfg: SignalConfig,
     per_interaction: dict[str, set[str]] = defaultdict(set)
     user_of: dict[str, str] = {}
     labels = Labels()
-    for interaction_id, reaction, dwell_ms, user_hash, excluded in session.execute(stmt):
+    for interaction_id, reaction, dwell_ms, contributor_id, excluded in session.execute(stmt):
         if interaction_id in seen:
             continue
         if excluded is not None:
@@ -117,7 +123,7 @@ def label_interactions(session: Session, cfg: SignalConfig,
         label = classify_reaction(reaction, int(dwell_ms), cfg)
         if label is not None:
             per_interaction[interaction_id].add(label)
-            user_of[interaction_id] = user_hash
+            user_of[interaction_id] = contributor_id
         else:
             labels.outside_windows += 1
     for interaction_id in sorted(per_interaction):
@@ -181,7 +187,8 @@ def unverified_history(session: Session, interaction_ids: Sequence[str]) -> set[
 
 
 def over_user_cap(user_of: dict[str, str], cap: int) -> set[str]:
-    """The interactions beyond each user's first `cap` (0: none), in a stable hash order of the
+    """The interactions beyond each contributor's first `cap` (0: none) — a contributor is a
+    hashed user, or one API client's anonymous traffic — in a stable hash order of the
     interaction ids: the same examples stay whatever else is in the dataset."""
     if cap <= 0:
         return set()

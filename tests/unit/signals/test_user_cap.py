@@ -65,3 +65,20 @@ def test_a_negative_cap_is_refused_with_the_fix():
     with pytest.raises(SignalConfigError, match=r"max_examples_per_user must be >= 0 \(got -1\); "
                                                 r"set max_examples_per_user: 50"):
         SignalConfig.from_params({"max_examples_per_user": -1})
+
+
+def test_anonymous_traffic_is_capped_per_api_client(fresh_engine):
+    """Anonymous requests get a random user hash each (as the router makes them), so without a
+    per-client bucket one client could send any number of anonymous examples."""
+    rows = []
+    for client in ("web", "app"):
+        for k in range(5):
+            row = interaction(f"{client}-anon-{k}", user(f"anon:{client}-{k}"),
+                              [user_says(f"anonymous tip {k}")], f"tip {k}", minute=k,
+                              client_id=client)
+            row["context"] = {**row["context"], "anonymous": True}
+            rows.append(row)
+    store(fresh_engine, rows, {r["id"]: ("done", 30_000) for r in rows})
+    kept = _kept(fresh_engine, CFG.model_copy(update={"max_examples_per_user": CAP}))
+    assert len({i for i in kept if i.startswith("web-")}) == CAP
+    assert len({i for i in kept if i.startswith("app-")}) == CAP
