@@ -1,14 +1,20 @@
 """The interaction log: every request the router answers becomes one complete `interactions`
 row (`interaction_row`), queued without blocking the response and written by one batch writer
-thread (`InteractionLog`) as a single upsert per batch; reactions (`reaction_row`,
+thread (`InteractionLog`) as a single insert per batch; reactions (`reaction_row`,
 `InteractionLog.submit_reaction`) travel the same queue and are inserted after the interactions of
 the same batch. When PostgreSQL is unreachable, batches go to a bounded local spool (`Spool`:
 append-only, fsync'd JSONL segments under `spool_dir`) instead of being lost; the writer retries
-with backoff, replays the spool in order once the database answers (idempotent upserts, each
+with backoff, replays the spool in order once the database answers (idempotent inserts, each
 segment deleted only after it is committed) and replays a spool a crashed process left behind at
 start-up. A row PostgreSQL rejects is dropped alone and never spooled. `batch_json` encodes a
 batch as one JSON document PostgreSQL accepts, cleaning the rare client text (NUL characters,
 lone surrogates) it would reject.
+
+Erasure holds against late writes: a row already stored is never overwritten (ON CONFLICT DO
+NOTHING: a replay cannot put back text `tuneloop forget` or retention wiped), a row of a user
+erased after it was made (`user_erasures.requested_at` later than its `created_at`, i.e. still
+spooled when `forget` ran) is stored with its text blanked and `erased_at` set, and a reaction to
+an erased interaction is not stored (forget deleted the user's reactions).
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ _SQL_TYPES = {"id": "text", "user_hash": "text", "deployment_id": "text", "varia
               "mirror_of": "text", "status": "text", "error": "text", "stream": "boolean",
               "ttft_ms": "float8", "created_at": "timestamptz", "client_id": "text",
               "request_id": "text"}
+
+# The text an erased interaction keeps (as tasks/signals/erasure.py wipes it): `error` too, a
+# backend's error body can quote the request it refused.
+_ERASED_TEXT = {"request_messages": "'[]'::jsonb", "response": "''", "context": "'{}'::jsonb",
+                "error": "NULL"}
 
 _REACTION_KEYS = ("id", "interaction_id", "reaction", "dwell_ms", "idempotency_key",
                   "client_id", "created_at")
@@ -84,14 +95,14 @@ class _Unavailable(Exception):
 
 class InteractionLog:
     """A bounded queue drained by one writer thread into `interactions` (and `reactions`) in
-    batched upserts, spooled to local disk while the database is unreachable.
+    batched inserts, spooled to local disk while the database is unreachable.
 
     `submit`/`submit_reaction` never block the caller (a full queue drops the row and counts it).
     `is_pending` is True while an interaction is only in memory and `wait_written` waits until it
     is written or spooled (durable either way); `is_known` is True while it is accepted but not
     yet in the database (in memory or spooled), so the reactions API can take a reaction during
-    an outage. `flush` waits until everything is in the database; `close` flushes what it can and
-    leaves the rest spooled for the next start.
+    an outage and while the spool replays after one. `flush` waits until everything is in the
+    database; `close` flushes what it can and leaves the rest spooled for the next start.
     """
 
     _STOP = object()
@@ -164,7 +175,8 @@ class InteractionLog:
 
     def submit_reaction(self, row: dict[str, Any]) -> bool:
         """Queue a `reactions` row (see `reaction_row`); inserted ON CONFLICT (id) DO NOTHING
-        after the interactions of the same batch. False when the queue is full (dropped)."""
+        after the interactions of the same batch (and behind the spool while it holds rows).
+        False when the queue is full (dropped)."""
         row = reaction_row(**row)
         with self._cond:
             self._outstanding += 1
@@ -447,11 +459,8 @@ class InteractionLog:
     def _insert_all(self, kind: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
         if not rows:
             return None
-        if kind == _INTERACTION:
-            # A client retry with the same X-Request-Id lands on the same id: keep the last.
-            rows = list({row["id"]: row for row in rows}.values())
-        else:
-            # DO NOTHING: the first reaction with an id is the one that counts.
+        if kind == _REACTION:
+            # The first reaction with an id is the one that counts (as in the reactions API).
             rows = list({row["id"]: row for row in reversed(rows)}.values())[::-1]
         try:
             self._insert(kind, rows)
@@ -503,9 +512,11 @@ class InteractionLog:
         log.error("interaction log: dropping %s %s: %s", kind, row.get("id"), message)
 
     def _statement(self, kind: str) -> Any:
-        """INSERT ... SELECT FROM jsonb_to_recordset(:rows) ON CONFLICT (id): DO UPDATE for
-        interactions (a replay or a client retry lands on the same row), DO NOTHING for
-        reactions (the first one with an id stands, as in the reactions API).
+        """INSERT ... SELECT FROM jsonb_to_recordset(:rows) ON CONFLICT (id) DO NOTHING: a row
+        is submitted once (random ids), so a conflict is a replay or a late duplicate and the
+        stored row stands — also when `forget` or retention has wiped its text since. An
+        interaction of a user erased after it was made (a LEFT JOIN on `user_erasures`) goes in
+        wiped with `erased_at` set; a reaction to an erased interaction is left out.
 
         The whole batch travels as one JSON document (one C-speed json.dumps here, parsed by
         PostgreSQL) in one constant statement, where the generic `upsert` helper compiles a new
@@ -515,18 +526,23 @@ class InteractionLog:
         if statement is None:
             from sqlalchemy import text
 
-            table, keys, types = (("interactions", _ROW_KEYS, _SQL_TYPES) if kind == _INTERACTION
-                                  else ("reactions", _REACTION_KEYS, _REACTION_SQL_TYPES))
+            keys, types = ((_ROW_KEYS, _SQL_TYPES) if kind == _INTERACTION
+                           else (_REACTION_KEYS, _REACTION_SQL_TYPES))
             columns = ", ".join(keys)
-            record = ", ".join(f"{key} {types[key]}" for key in keys)
+            rows = ("jsonb_to_recordset(CAST(:rows AS jsonb)) AS u("
+                    + ", ".join(f"{key} {types[key]}" for key in keys) + ")")
             if kind == _INTERACTION:
-                updates = ", ".join(f"{key} = EXCLUDED.{key}" for key in keys if key != "id")
-                conflict = f"DO UPDATE SET {updates}"
+                values = ", ".join(
+                    f"CASE WHEN e.user_hash IS NULL THEN u.{key} ELSE {_ERASED_TEXT[key]} END"
+                    if key in _ERASED_TEXT else f"u.{key}" for key in keys)
+                sql = (f"INSERT INTO interactions ({columns}, erased_at) "
+                       f"SELECT {values}, CASE WHEN e.user_hash IS NOT NULL THEN now() END "
+                       f"FROM {rows} LEFT JOIN user_erasures AS e "
+                       "ON e.user_hash = u.user_hash AND u.created_at < e.requested_at ")
             else:
-                conflict = "DO NOTHING"
-            statement = text(
-                f"INSERT INTO {table} ({columns}) SELECT {columns} "
-                f"FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS u({record}) "
-                f"ON CONFLICT (id) {conflict}")
+                sql = (f"INSERT INTO reactions ({columns}) SELECT {columns} FROM {rows} "
+                       "WHERE NOT EXISTS (SELECT 1 FROM interactions AS i "
+                       "WHERE i.id = u.interaction_id AND i.erased_at IS NOT NULL) ")
+            statement = text(sql + "ON CONFLICT (id) DO NOTHING")
             self._statements[kind] = statement
         return statement

@@ -20,9 +20,12 @@ While the database is unreachable (the check fails with a connection error, or t
 than `db_wait_s`), a reaction is checked against the interactions the router answered recently
 (`Router.recent`) and, when it passes, queued with the interaction log (`submit_reaction`:
 written after the interactions, spooled to disk meanwhile) and answered 202 `queued: true`; an
-interaction the router does not hold in memory is a 503 with Retry-After. A queued reaction
-whose idempotency key was used before for another payload is dropped when it is written (the
-first one stands), where the database path would have answered 409.
+interaction the router does not hold in memory is a 503 with Retry-After. The same path takes a
+reaction to an interaction the database does not have yet but the log does (`is_known`: still
+spooled while the spool replays after an outage, or still queued): it is written behind the
+spool, after its interaction. A queued reaction whose idempotency key was used before for another
+payload is dropped when it is written (the first one stands), where the database path would have
+answered 409.
 """
 
 from __future__ import annotations
@@ -180,16 +183,18 @@ def record_reaction(engine: Any, reaction: ReactionIn, idempotency_key: str | No
 
 
 def queue_reaction(router: Router, reaction: ReactionIn, idempotency_key: str | None,
-                   reactor: Reactor) -> JSONResponse:
-    """The outage path: check against the router's recent interactions, queue with the log."""
+                   reactor: Reactor, *, why: str = "the database is unreachable"
+                   ) -> JSONResponse:
+    """The outage path: check against the router's recent interactions, queue with the log.
+    `why` is what keeps the database from checking it (the 503s say so)."""
     now = datetime.now(UTC)
     facts = router.recent.get(reaction.interaction_id)
     retry = {"Retry-After": str(RETRY_AFTER_OUTAGE_S)}
     if facts is None:
         return error_response(
-            503, "the database is unreachable and the router cannot check this interaction "
-            f"without it; retry in {RETRY_AFTER_OUTAGE_S} s", type_="api_error",
-            code="database_unavailable", headers=retry)
+            503, f"{why} and the router cannot check this interaction without it; retry in "
+            f"{RETRY_AFTER_OUTAGE_S} s", type_="api_error", code="database_unavailable",
+            headers=retry)
     try:
         check_reaction(facts, reaction.interaction_id, reactor,
                        window_s=router.config.reaction_window_s, now=now)
@@ -203,9 +208,8 @@ def queue_reaction(router: Router, reaction: ReactionIn, idempotency_key: str | 
         "client_id": reactor.client_id, "created_at": now})
     if not queued:
         return error_response(
-            503, f"the database is unreachable and the router's queue is full; retry in "
-            f"{RETRY_AFTER_OUTAGE_S} s", type_="api_error", code="database_unavailable",
-            headers=retry)
+            503, f"{why} and the router's queue is full; retry in {RETRY_AFTER_OUTAGE_S} s",
+            type_="api_error", code="database_unavailable", headers=retry)
     out = ReactionOut(id=rid, interaction_id=reaction.interaction_id,
                       reaction=reaction.reaction, dwell_ms=reaction.dwell_ms, created=True,
                       queued=True)
@@ -266,6 +270,9 @@ def reactions_router(router: Router) -> APIRouter:
         user_id = body.user or x_user_id
         reactor = Reactor(client_id=client_id,
                           user_hash=hash_user(user_id, router._salt) if user_id else None)
+        # Asked before the database: a row leaves the log only once it is committed, so one the
+        # log knows now and the database then lacks is still spooled (or queued), not unknown.
+        known = router.log.is_known(body.interaction_id)
         if router.log.is_pending(body.interaction_id):
             # The answer left the router before its row was written: wait for the writer.
             await asyncio.to_thread(router.log.wait_written, body.interaction_id, 5.0)
@@ -275,6 +282,10 @@ def reactions_router(router: Router) -> APIRouter:
                                   window_s=config.reaction_window_s),
                 config.db_wait_s)
         except ReactionError as exc:
+            if exc.code == "interaction_not_found" and known:
+                return queue_reaction(router, body, key, reactor,
+                                      why="the database does not have this interaction yet "
+                                      "(the router is still writing it)")
             return error_response(exc.status, str(exc), param=exc.param, code=exc.code)
         except unreachable:
             return queue_reaction(router, body, key, reactor)

@@ -11,6 +11,8 @@ import fcntl
 import json
 import logging
 import os
+from array import array
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,8 +40,6 @@ class Batch:
                 + batch_json(self.reactions) + "}\n").encode("utf-8")
 
 
-
-
 # ---- the spool ---------------------------------------------------------------------------------
 
 
@@ -49,6 +49,24 @@ class _Segment:
     size: int  # bytes on disk
     rows: int  # rows not yet replayed
     offset: int = 0  # bytes already replayed by this process
+    # The interaction ids of its lines as `hash()` keys, so that the reactions API can tell a
+    # spooled interaction from an unknown one: a set while the segment is written to, a sorted
+    # array of 8 bytes an id once sealed (a full spool holds on the order of a million ids).
+    keys: set[int] | array = field(default_factory=set)
+    replayed_keys: set[int] = field(default_factory=set)  # of its lines already committed
+
+    def seal(self) -> None:
+        if isinstance(self.keys, set):
+            self.keys = array("q", sorted(self.keys))
+
+    def holds(self, key: int) -> bool:
+        keys = self.keys  # one read: the writer thread may seal it meanwhile
+        if isinstance(keys, set):
+            found = key in keys
+        else:
+            index = bisect_left(keys, key)
+            found = index < len(keys) and keys[index] == key
+        return found and key not in self.replayed_keys
 
 
 class Spool:
@@ -59,7 +77,8 @@ class Spool:
     `writer-<k>.lock` for its lifetime), so processes or routers sharing a spool_dir never
     interleave. `open` loads what a previous owner of the slot left behind and adopts the
     segments of free slots, so nothing a crashed process spooled is left unreplayed. Only the
-    writer thread calls it; `holds`, `rows` and `bytes` may be read from any thread.
+    writer thread calls it; `holds`, `rows` and `bytes` may be read from any thread. The ids it
+    holds cost 8 bytes each (sorted per sealed segment) and go as their lines are replayed.
     """
 
     def __init__(self, root: Path, max_bytes: int, segment_bytes: int = 4 * 1024 * 1024) -> None:
@@ -70,7 +89,6 @@ class Spool:
         self.segments: list[_Segment] = []
         self.rows = 0
         self.bytes = 0
-        self._ids: set[str] = set()  # interaction ids held (reactions look them up)
         self._lock_fd: int | None = None
         self._active_fd: int | None = None
         self._next_seq = 0
@@ -141,18 +159,24 @@ class Spool:
         if end < len(data):
             log.warning("interaction log: %s ends in %d bytes of a batch cut short by a crash; "
                         "skipping them", path, len(data) - end)
+        segment = _Segment(path=path, size=len(data), rows=0)
         for line in data[:end].splitlines():
             batch = _decode(line, path)
             if batch is not None:
                 rows += len(batch)
-                self._ids.update(row["id"] for row in batch.interactions)
-        self.segments.append(_Segment(path=path, size=len(data), rows=rows))
+                segment.keys.update(hash(row["id"]) for row in batch.interactions)
+        segment.rows = rows
+        segment.seal()  # never appended to: `append` starts a segment of its own
+        self.segments.append(segment)
         self.rows += rows
         self.bytes += len(data)
 
     # -- writing --
     def holds(self, interaction_id: str) -> bool:
-        return interaction_id in self._ids
+        """Whether an interaction is spooled and not yet replayed (a 64-bit hash of its id: a
+        false positive is a chance of about n / 2**64)."""
+        key = hash(interaction_id)
+        return any(segment.holds(key) for segment in tuple(self.segments))
 
     def append(self, batch: Batch) -> bool:
         """Add one batch (a line) durably; False when it would exceed `max_bytes`. Raises
@@ -179,12 +203,15 @@ class Spool:
         active.rows += len(batch)
         self.rows += len(batch)
         self.bytes += len(encoded)
-        self._ids.update(row["id"] for row in batch.interactions)
+        assert isinstance(active.keys, set)
+        active.keys.update(hash(row["id"]) for row in batch.interactions)
         return True
 
     def _new_segment(self) -> _Segment:
         assert self.dir is not None
         self._close_active()
+        if self.segments:
+            self.segments[-1].seal()  # no line is added to it any more
         path = self.dir / f"{self._next_seq:012d}.jsonl"
         self._next_seq += 1
         self._active_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -217,7 +244,7 @@ class Spool:
         if batch is not None:
             segment.rows -= len(batch)
             self.rows -= len(batch)
-            self._ids.difference_update(row["id"] for row in batch.interactions)
+            segment.replayed_keys.update(hash(row["id"]) for row in batch.interactions)
 
     def remove(self, segment: _Segment) -> None:
         """Delete a segment whose every line is committed."""
@@ -246,7 +273,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# ---- the writer --------------------------------------------------------------------------------
+# ---- encoding rows for PostgreSQL (and the spool) ----------------------------------------------
 
 
 def _clean_text(value: str) -> str:

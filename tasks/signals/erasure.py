@@ -12,6 +12,11 @@ says which to retire or rebuild). The user is named by the router's salted hash
 `text_purged_at`, in batches. Both are idempotent, and the reaction-dataset build never reads an
 erased or purged interaction, nor anything an erased user sent before their erasure was requested
 (`tasks.signals.stage`).
+
+A wiped row stays wiped: the router's interaction log inserts ON CONFLICT DO NOTHING (a spool
+replay or late duplicate never writes text back) and stores a row still spooled when `forget`
+ran wiped already, with `erased_at` set (serving/interactions.py). So both select by the
+timestamps alone, and a rerun does not look at rows it wiped before.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, literal_column, or_, select, update
+from sqlalchemy import Engine, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from tasks.core.db.engine import session_scope
@@ -41,15 +46,6 @@ class ErasureError(ValueError):
 def _wiped_text() -> dict[str, Any]:
     # `error` too: a backend's error body can quote the request it refused.
     return {"request_messages": [], "response": "", "context": {}, "error": None}
-
-
-def _text_left():
-    """True for a row that still holds text: also after a wipe, should a late write (the
-    router's spool replay upserts whole rows) have put some back."""
-    return or_(Interaction.response != "",
-               Interaction.request_messages != literal_column("'[]'::jsonb"),
-               Interaction.context != literal_column("'{}'::jsonb"),
-               Interaction.error.is_not(None))
 
 
 # ---- erasure -----------------------------------------------------------------------------------
@@ -77,6 +73,11 @@ def forget_user_hash(user_hash: str, *, engine: Engine | None = None) -> dict[st
         raise ErasureError(f"user hash {user_hash[:80]!r} is not 64 hex characters (the router's "
                            "HMAC-SHA256 of the user id); pass the raw id with --user ID instead")
     with session_scope(engine) as session:
+        # Writers of interactions and reactions (the router's log among them) wait until this
+        # commits, and this waits for those in flight: a row is either committed before the wipe
+        # below and wiped by it, or inserted after and wiped on the way in by the log's insert
+        # (it joins `user_erasures`).
+        session.execute(text("LOCK TABLE interactions, reactions IN SHARE MODE"))
         previous = session.get(UserErasure, user_hash, with_for_update=True)
         snapshots = _snapshots_holding(session, user_hash)
         of_user = select(Interaction.id).where(Interaction.user_hash == user_hash)
@@ -85,10 +86,8 @@ def forget_user_hash(user_hash: str, *, engine: Engine | None = None) -> dict[st
             .execution_options(synchronize_session=False)).rowcount
         interactions = session.execute(
             update(Interaction)
-            .where(Interaction.user_hash == user_hash,
-                   or_(Interaction.erased_at.is_(None), _text_left()))
-            .values(**_wiped_text(),
-                    erased_at=func.coalesce(Interaction.erased_at, func.now()))
+            .where(Interaction.user_hash == user_hash, Interaction.erased_at.is_(None))
+            .values(**_wiped_text(), erased_at=func.now())
             .execution_options(synchronize_session=False)).rowcount
         before = dict(previous.counts) if previous is not None else {}
         totals = {"reactions_deleted": int(before.get("reactions_deleted", 0)) + reactions,
@@ -137,16 +136,15 @@ def purge_expired_text(days: int, *, engine: Engine | None = None, now: datetime
     purged = batches = 0
     while True:
         with session_scope(engine) as session:
-            # Erased rows are wiped already: only a late write that put text back counts again.
+            # Purged and erased rows are wiped already (and stay so): timestamps alone select,
+            # on the created_at index, and a rerun skips what it did before.
             batch = (select(Interaction.id)
                      .where(Interaction.created_at < cutoff,
-                            or_(and_(Interaction.text_purged_at.is_(None),
-                                     Interaction.erased_at.is_(None)), _text_left()))
+                            Interaction.text_purged_at.is_(None), Interaction.erased_at.is_(None))
                      .limit(batch_size).with_for_update(skip_locked=True).scalar_subquery())
             count = session.execute(
                 update(Interaction).where(Interaction.id.in_(batch))
-                .values(**_wiped_text(),
-                        text_purged_at=func.coalesce(Interaction.text_purged_at, now))
+                .values(**_wiped_text(), text_purged_at=now)
                 .execution_options(synchronize_session=False)).rowcount
         if count:
             purged += count

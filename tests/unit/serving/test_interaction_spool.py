@@ -1,14 +1,17 @@
 """The interaction log's spool: rows written while PostgreSQL is unreachable are kept on local disk
 and replayed in order once it answers; a spool a crashed process left is replayed at start; a full
-spool drops and counts; a row PostgreSQL rejects fails alone and is never spooled. The outage is
-staged with a TCP proxy in front of the test database (tests/fakes/tcp_proxy.py)."""
+spool drops and counts; a row PostgreSQL rejects fails alone and is never spooled; a replayed or late
+row never brings back text that `tuneloop forget` or retention wiped. The outage is staged with a
+TCP proxy in front of the test database (tests/fakes/tcp_proxy.py)."""
 
 from __future__ import annotations
 
 import logging
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from serving.interactions import InteractionLog, interaction_row, reaction_row
 from serving.spool import Batch, Spool
 from tasks.core.db.engine import engine_for, session_scope
 from tasks.core.db.models import Interaction, Reaction
+from tasks.signals.erasure import forget_user_hash, purge_expired_text
 
 
 @pytest.fixture()
@@ -40,10 +44,19 @@ def make_log(proxied_engine, tmp_path: Path) -> Iterator[Callable[..., Interacti
 
 
 def a_row(**values) -> dict:
-    values.setdefault("id", uuid.uuid4().hex)
-    return interaction_row(user_hash="u" * 64, variant="champion", model_name="m",
-                           request_messages=[{"role": "user", "content": "hi"}],
-                           response="hello", **values)
+    values = {"id": uuid.uuid4().hex, "user_hash": "u" * 64, "variant": "champion",
+              "model_name": "m", "request_messages": [{"role": "user", "content": "hi"}],
+              "response": "hello", **values}
+    return interaction_row(**values)
+
+
+def a_user() -> str:
+    """A user hash of this test alone (the database is shared by the session)."""
+    return uuid.uuid4().hex * 2
+
+
+def wiped(row: Interaction) -> bool:
+    return (row.request_messages, row.response, row.context, row.error) == ([], "", {}, None)
 
 
 def a_reaction(interaction_id: str, **values) -> dict:
@@ -102,7 +115,8 @@ def test_rows_written_during_an_outage_are_spooled_then_replayed(make_log, proxy
 
 
 def test_replay_keeps_submission_order(make_log, proxy, engine):
-    """The last version of a row wins, and a reaction lands after its spooled interaction."""
+    """A row is never overwritten (ids are submitted once, so another version is a late
+    duplicate): the first version stands; and a reaction lands after its spooled interaction."""
     writer = make_log(batch_size=2)  # many spool lines
     proxy.down()
     row = a_row()
@@ -114,7 +128,7 @@ def test_replay_keeps_submission_order(make_log, proxy, engine):
     assert wait_for(lambda: writer.stats()["spooled_rows"] == 7), writer.stats()
     proxy.up()
     assert writer.flush(10), writer.stats()
-    assert stored_interactions(engine, [row["id"]])[row["id"]].response == "version 4"
+    assert stored_interactions(engine, [row["id"]])[row["id"]].response == "hello"
     assert reaction["id"] in stored_reactions(engine, [reaction["id"]])
     assert writer.stats()["failed"] == 0
 
@@ -132,6 +146,91 @@ def test_rows_submitted_while_the_spool_replays_follow_it(make_log, proxy, engin
     assert writer.flush(10), writer.stats()
     assert reaction["id"] in stored_reactions(engine, [reaction["id"]])
     assert writer.stats()["failed"] == 0
+
+
+def test_a_row_still_spooled_when_its_user_is_forgotten_is_stored_wiped(make_log, proxy,
+                                                                       engine):
+    writer = make_log()
+    alice, bob = a_user(), a_user()
+    proxy.down()
+    spooled = a_row(user_hash=alice, context={"note": "hers"}, error="backend quoted: hi")
+    reaction = a_reaction(spooled["id"])
+    bobs = a_row(user_hash=bob)
+    writer.submit(spooled)
+    writer.submit_reaction(reaction)
+    writer.submit(bobs)
+    assert wait_for(lambda: writer.stats()["spooled_rows"] == 3), writer.stats()
+    assert forget_user_hash(alice, engine=engine)["interactions_erased"] == 0  # not there yet
+    later = a_row(user_hash=alice)  # sent after the erasure: hers again
+    writer.submit(later)
+    proxy.up()
+    assert writer.flush(10), writer.stats()
+    stored = stored_interactions(engine, [spooled["id"], bobs["id"], later["id"]])
+    assert wiped(stored[spooled["id"]]) and stored[spooled["id"]].erased_at is not None
+    assert not stored_reactions(engine, [reaction["id"]])  # forget deleted her reactions
+    for kept in (bobs["id"], later["id"]):
+        assert stored[kept].response == "hello" and stored[kept].erased_at is None
+    assert writer.stats()["failed"] == 0
+
+
+@pytest.mark.parametrize("wipe", ["forget", "retention"])
+def test_a_late_copy_of_a_stored_row_never_writes_its_text_back(make_log, fresh_engine, wipe):
+    writer = make_log(engine=fresh_engine)  # its own database: retention purges all of it
+    row = a_row(user_hash=a_user(), created_at=datetime.now(UTC) - timedelta(days=400))
+    writer.submit(row)
+    assert writer.flush(10), writer.stats()
+    if wipe == "forget":
+        forget_user_hash(row["user_hash"], engine=fresh_engine)
+    else:
+        assert purge_expired_text(365, engine=fresh_engine)["interactions_purged"] == 1
+    writer.submit(row)  # as a spool replay of a line whose commit went unacknowledged
+    writer.submit_reaction(a_reaction(row["id"]))
+    assert writer.flush(10), writer.stats()
+    stored = stored_interactions(fresh_engine, [row["id"]])[row["id"]]
+    assert wiped(stored)
+    assert (stored.erased_at if wipe == "forget" else stored.text_purged_at) is not None
+    assert writer.stats()["failed"] == 0
+
+
+def test_the_spool_knows_an_id_until_its_line_is_replayed(tmp_path):
+    spool = Spool(tmp_path / "spool", 10 * 1024 * 1024, segment_bytes=1024).open()
+    lines = [Batch(interactions=[a_row(), a_row()]) for _ in range(4)]
+    for batch in lines:
+        assert spool.append(batch)
+    ids = [[row["id"] for row in batch.interactions] for batch in lines]
+    assert len(spool.segments) > 1  # sealed segments and the active one
+    assert all(spool.holds(i) for line in ids for i in line) and not spool.holds("unknown")
+    segment = spool.segments[0]
+    end, first = next(spool.read(segment))
+    spool.replayed(segment, end, first)
+    assert not any(spool.holds(i) for i in ids[0])
+    assert all(spool.holds(i) for line in ids[1:] for i in line)
+    spool.close()
+    reopened = Spool(tmp_path / "spool", 10 * 1024 * 1024).open()  # all of it loaded again
+    assert all(reopened.holds(i) for line in ids for i in line)
+    reopened.close()
+
+
+def test_a_spooled_id_costs_a_few_bytes_of_memory(tmp_path):
+    """A full spool holds on the order of a million ids, for as long as an outage lasts."""
+    left = Spool(tmp_path / "spool", 1 << 30).open()
+    rows = 20_000
+    ids = []
+    for _ in range(rows // 1000):
+        batch = Batch(interactions=[a_row() for _ in range(1000)])
+        ids += [row["id"] for row in batch.interactions]
+        assert left.append(batch)
+    left.close()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        loaded = Spool(tmp_path / "spool", 1 << 30).open()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert loaded.rows == rows and loaded.holds(ids[0]) and loaded.holds(ids[-1])
+    assert held < 24 * rows, held  # a set of the id strings takes over 100 bytes an id
+    loaded.close()
 
 
 def test_a_spool_left_by_a_crashed_process_is_replayed_at_start(make_log, engine, tmp_path):

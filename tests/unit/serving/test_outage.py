@@ -5,7 +5,8 @@ log writes through it while traffic arrives the way the router sends it (an inte
 request, a reaction for every third answer shortly after). The proxy then cuts PostgreSQL off —
 live connections reset, new ones refused — for TUNELOOP_TEST_OUTAGE_S seconds (default 60; set
 it lower for a quick run), brings it back, and every id sent must be in the database. A shorter
-variant drives the real router app over HTTP with a fake OpenAI backend.
+variant drives the real router app over HTTP with a fake OpenAI backend, reacting before, during
+and after the outage (also while the spool replays).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Traffic:
     reactions: list[str] = field(default_factory=list)
     submit_us: list[float] = field(default_factory=list)
     rejected: int = 0
+    outage: bool = False  # the database is down: what a reaction names is held by the log
 
     def run(self, seconds: float) -> None:
         interval = 1.0 / self.rate_per_s
@@ -78,8 +80,8 @@ class Traffic:
         return row["id"]
 
     def _react(self, interaction_id: str) -> None:
-        assert self.writer.is_known(interaction_id) or not self.writer.is_pending(
-            interaction_id)
+        # What lets the reactions API take a reaction it cannot check in the database.
+        assert not self.outage or self.writer.is_known(interaction_id), interaction_id
         row = reaction_row(id=uuid.uuid4().hex, interaction_id=interaction_id,
                            reaction="thumbs_up", dwell_ms=1500, client_id="key-outage")
         self.rejected += not self.writer.submit_reaction(row)
@@ -94,6 +96,15 @@ def count_stored(engine, model, ids: list[str]) -> int:
             total += session.scalar(select(func.count()).select_from(model).where(
                 model.id.in_(chunk)))
     return total
+
+
+def wait_until(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def segments(spool_dir: Path) -> list[Path]:
@@ -111,8 +122,12 @@ def test_a_postgres_outage_under_load_loses_no_interaction_and_no_reaction(
         assert writer.flush(10), writer.stats()
         proxy.down()
         outage_started = time.monotonic()
+        first_in_outage = len(traffic.interactions)
+        traffic.outage = True
         traffic.run(OUTAGE_S)
+        traffic.outage = False
         during = writer.stats()
+        unknown = [i for i in traffic.interactions[first_in_outage:] if not writer.is_known(i)]
         proxy.up()
         outage_s = time.monotonic() - outage_started
         traffic.run(5.0)
@@ -132,6 +147,7 @@ def test_a_postgres_outage_under_load_loses_no_interaction_and_no_reaction(
           f"{len(traffic.reactions) - stored_reactions}; submit median "
           f"{statistics.median(traffic.submit_us):.1f} µs, p99 {p99_us:.1f} µs")
     assert recovered, after
+    assert not unknown, f"{len(unknown)} interactions sent during the outage not held: {unknown[:3]}"
     assert traffic.rejected == 0 and after["dropped"] == 0 and after["failed"] == 0, after
     assert stored_interactions == len(traffic.interactions)
     assert stored_reactions == len(traffic.reactions)
@@ -148,11 +164,54 @@ def test_a_postgres_outage_under_load_loses_no_interaction_and_no_reaction(
 # ---- the same through the router over HTTP -----------------------------------------------------
 
 
+@dataclass
+class RouterTraffic:
+    """Chat requests to the router over HTTP, with a reaction to every third answer."""
+
+    client: httpx.Client
+    log: InteractionLog
+    ids: list[str] = field(default_factory=list)
+    users: dict[str, str] = field(default_factory=dict)
+    reaction_ids: list[str] = field(default_factory=list)
+    chat_statuses: list[int] = field(default_factory=list)
+    reaction_statuses: list[int] = field(default_factory=list)
+
+    def run(self, seconds: float, rate_per_s: float = 20.0) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            user = f"user-{len(self.ids) % 7}"
+            response = self.client.post("/chat/completions", json={
+                "model": "tuneloop", "user": user,
+                "messages": [{"role": "user", "content": f"question {len(self.ids)}"}]})
+            self.chat_statuses.append(response.status_code)
+            if response.status_code != 200:
+                continue
+            self.ids.append(response.headers["x-interaction-id"])
+            self.users[self.ids[-1]] = user
+            if len(self.ids) % REACTION_EVERY == 0:
+                self.react(self.ids[-1])
+            time.sleep(1.0 / rate_per_s)
+
+    def react(self, interaction_id: str, reaction: str = "thumbs_up") -> int:
+        response = self.client.post("/reactions", json={
+            "interaction_id": interaction_id, "reaction": reaction, "dwell_ms": 900,
+            "user": self.users[interaction_id]})
+        self.reaction_statuses.append(response.status_code)
+        if response.status_code in (201, 202):
+            self.reaction_ids.append(response.json()["id"])
+        return response.status_code
+
+    def spooled(self, interaction_id: str) -> bool:
+        return self.log.is_known(interaction_id) and not self.log.is_pending(interaction_id)
+
+
 def test_the_router_keeps_answering_through_an_outage_and_logs_every_interaction(
         proxy, proxied_engine, engine, data_dir):
     """Short (TUNELOOP_TEST_ROUTER_OUTAGE_S, default 5 s): the router answers every chat request
-    while PostgreSQL is down and takes reactions to them, and every interaction id it returned
-    and every reaction it accepted is stored once the database is back."""
+    while PostgreSQL is down and takes reactions to them throughout, also while the spool
+    replays after it (a reaction to a still-spooled interaction is queued behind it, not a
+    404), and every interaction id it returned and every reaction it accepted is stored once
+    the database is back."""
     from serving.router import create_router_app
     from serving.router_config import BackendConfig, RouterConfig
     from serving.router_server import RouterServer
@@ -172,54 +231,44 @@ def test_the_router_keeps_answering_through_an_outage_and_logs_every_interaction
             key_rate_limit_per_s=0)
         server = RouterServer(create_router_app(config, engine=proxied_engine)).start()
         router = server.app.state.router
-        ids: list[str] = []
-        reaction_ids: list[str] = []
-        chat_statuses: list[int] = []
-        reaction_statuses: list[int] = []
+        replaying: list[int] = []  # statuses of reactions to interactions still spooled
         try:
             with httpx.Client(base_url=server.base_url, timeout=30,
                               headers={"Authorization": "Bearer outage-key"}) as client:
-
-                def traffic_for(seconds: float, *, react: bool = True,
-                                rate_per_s: float = 20.0) -> None:
-                    end = time.monotonic() + seconds
-                    while time.monotonic() < end:
-                        user = f"user-{len(ids) % 7}"
-                        response = client.post("/chat/completions", json={
-                            "model": "tuneloop", "user": user,
-                            "messages": [{"role": "user", "content": f"question {len(ids)}"}]})
-                        chat_statuses.append(response.status_code)
-                        if response.status_code != 200:
-                            continue
-                        ids.append(response.headers["x-interaction-id"])
-                        if react and len(ids) % REACTION_EVERY == 0:
-                            reaction = client.post("/reactions", json={
-                                "interaction_id": ids[-1], "reaction": "thumbs_up",
-                                "dwell_ms": 900, "user": user})
-                            reaction_statuses.append(reaction.status_code)
-                            if reaction.status_code in (201, 202):
-                                reaction_ids.append(reaction.json()["id"])
-                        time.sleep(1.0 / rate_per_s)
-
-                traffic_for(1.0)
+                traffic = RouterTraffic(client, router.log)
+                traffic.run(1.0)
                 proxy.down()
-                traffic_for(ROUTER_OUTAGE_S)
+                traffic.run(ROUTER_OUTAGE_S)
                 spooled = router.log.stats()["spooled_rows"]
-                proxy.up()
-                # No reactions until the spool is replayed: the reactions API checks the
-                # database first, where a still-spooled interaction is not yet (see
-                # InteractionLog.is_known).
-                traffic_for(1.0, react=False)
+                assert wait_until(lambda: not any(map(router.log.is_pending, traffic.ids)))
+                spooled_ids = [i for i in traffic.ids if traffic.spooled(i)]
+                # The replay held up (as by the lock `tuneloop forget` takes) while the database
+                # answers again: a reaction to an interaction still spooled finds no row there
+                # and is queued behind it (202), where it used to be a 404.
+                with engine.connect() as holder:
+                    holder.exec_driver_sql("LOCK TABLE interactions IN SHARE MODE")
+                    proxy.up()
+                    for interaction_id in spooled_ids[::REACTION_EVERY]:
+                        replaying.append(traffic.react(interaction_id, "done"))
+                        assert traffic.spooled(interaction_id)  # the replay was held indeed
+                    holder.rollback()
+                traffic.run(1.0)  # reacting on while the rest of the replay runs
                 assert router.log.flush(30), router.log.stats()
         finally:
             server.stop()
     stats = router.log.stats()
+    ids, reaction_ids, statuses = traffic.ids, traffic.reaction_ids, traffic.reaction_statuses
+    stored_interactions = count_stored(engine, Interaction, ids)
+    stored_reactions = count_stored(engine, Reaction, reaction_ids)
     print(f"\nrouter outage {ROUTER_OUTAGE_S:g} s: {len(ids)} answers, reactions answered "
-          f"{ {code: reaction_statuses.count(code) for code in set(reaction_statuses)} }, "
-          f"{spooled} rows spooled mid-outage, log {stats}")
-    assert set(chat_statuses) == {200}
-    assert spooled > 0 and 202 in reaction_statuses  # some went through the outage path
-    assert set(reaction_statuses) <= {201, 202}
-    assert count_stored(engine, Interaction, ids) == len(ids)
-    assert count_stored(engine, Reaction, reaction_ids) == len(reaction_ids)
+          f"{ {code: statuses.count(code) for code in set(statuses)} } (while the spool "
+          f"replayed: { {code: replaying.count(code) for code in set(replaying)} }), "
+          f"{spooled} rows spooled mid-outage; lost {len(ids) - stored_interactions} + "
+          f"{len(reaction_ids) - stored_reactions}; log {stats}")
+    assert set(traffic.chat_statuses) == {200}
+    assert spooled > 0 and 202 in statuses  # some went through the outage path
+    assert set(statuses) <= {201, 202}
+    assert replaying and set(replaying) == {202}, replaying  # queued behind the spool
+    assert stored_interactions == len(ids)
+    assert stored_reactions == len(reaction_ids)
     assert stats["dropped"] == stats["failed"] == 0

@@ -1,7 +1,8 @@
 """Erasure (`tuneloop forget`) and retention (`tuneloop retention`): a forgotten user's reactions
 are gone, their interactions' text is wiped (the rows stay for existing snapshots' references),
 the snapshots holding them are listed, a rerun changes nothing, and no later dataset reads them;
-the retention purge wipes text by age, in batches, once. Both through the CLI too."""
+the retention purge wipes text by age, in batches, once, selecting by timestamps alone. Both through
+the CLI too."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from tasks.cli import main
 from tasks.core.db.engine import session_scope
@@ -196,6 +197,33 @@ def test_retention_is_idempotent_and_batched(fresh_engine):
     again = purge_expired_text(5, engine=fresh_engine, now=NOW + timedelta(hours=1))
     assert again["interactions_purged"] == 0
     assert _texts(fresh_engine)["aged-40"][3] == NOW  # the first purge's time stays
+
+
+def test_a_retention_rerun_selects_by_timestamps_and_reads_no_text(fresh_engine):
+    _aged(fresh_engine)
+    assert purge_expired_text(5, engine=fresh_engine, now=NOW)["interactions_purged"] == 3
+    updates: list[tuple[str, object]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().startswith("UPDATE interactions"):
+            updates.append((statement, parameters))
+
+    event.listen(fresh_engine, "before_cursor_execute", capture)
+    try:
+        again = purge_expired_text(5, engine=fresh_engine, now=NOW + timedelta(hours=1))
+    finally:
+        event.remove(fresh_engine, "before_cursor_execute", capture)
+    assert (again["interactions_purged"], again["batches"], len(updates)) == (0, 0, 1)
+    statement, parameters = updates[0]
+    with fresh_engine.connect() as conn:
+        conn.exec_driver_sql("SET enable_seqscan = off")  # four rows: show the plan at scale
+        plan = "\n".join(row[0] for row in conn.exec_driver_sql(
+            f"EXPLAIN (COSTS OFF) {statement}", parameters))
+    # The age range on the created_at index, then two IS NULL checks: no wiped text compared.
+    assert "ix_interactions_created" in plan and "Index Cond: (created_at <" in plan, plan
+    assert "Filter: ((text_purged_at IS NULL) AND (erased_at IS NULL))" in plan, plan
+    assert not any(column in plan for column in ("response", "request_messages", "context",
+                                                 "error")), plan
 
 
 def test_purged_interactions_are_never_signals(fresh_engine):
