@@ -2,15 +2,19 @@
 passed through chunk by chunk) try the chosen variant, fall back to the champion when the challenger
 fails (logging the failed attempt as its own row), record the interaction row (`Router.record`:
 the log, and what the router remembers for reactions and request-id replays), start the mirror
-copy, and answer with the interaction id and version headers. Which variant answered is never
-told to the client (it would let a client game the comparison): it is in the stored row only.
-`ClosingStream` makes sure a stream is logged and its backend released however it ends.
+copy, and answer with the interaction id header. Which variant answered is never told to the
+client (it would let a client game the comparison): it is in the stored row only (variant,
+backend model name and version). So no answer carries a version header, and the backend's
+`model` (e.g. `<base>:<name>-v2`) is rewritten to the public model id, in a JSON body and in
+every SSE event (`PublicModelRewriter`). `ClosingStream` makes sure a stream is logged and its
+backend released however it ends.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -31,14 +35,50 @@ log = logging.getLogger("serving.router")  # the router's one log, as before the
 
 
 HEADER_INTERACTION = "X-Interaction-Id"
-HEADER_VERSION = "X-Tuneloop-Model-Version"
 
 
-def _response_headers(interaction_id: str, version: str | None) -> dict[str, str]:
-    headers = {HEADER_INTERACTION: interaction_id}
-    if version:
-        headers[HEADER_VERSION] = version
-    return headers
+def _response_headers(interaction_id: str) -> dict[str, str]:
+    # The same header names whichever variant answered: the version is in the stored row only.
+    return {HEADER_INTERACTION: interaction_id}
+
+
+# A "model" key with a JSON string value. An unescaped `"model"` followed by `:` can only be an
+# object key (inside a string its quotes would be escaped), so message content never matches.
+# Written to start with the literal and with an unrolled string loop: about 1.5 us a chunk.
+_MODEL_FIELD = re.compile(rb'"model"\s*:\s*"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+class PublicModelRewriter:
+    """Rewrites the `model` field of every SSE event passing through to the public model id,
+    at the bytes level (no JSON parse). Chunks from the backend may end mid-line or carry
+    several `data:` lines: complete lines are rewritten and passed on at once, a partial last
+    line is held until its end arrives (or the stream ends: `flush`)."""
+
+    def __init__(self, public_model: str) -> None:
+        field = b'"model":' + json.dumps(public_model).encode()  # ASCII: a JSON string
+        self._template = field.replace(b"\\", b"\\\\")  # a literal `re` template
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete lines received so far (rewritten); b"" while a line is incomplete."""
+        data = self._tail + chunk if self._tail else chunk
+        if data.endswith((b"\n", b"\r")):  # the usual chunk: whole events
+            self._tail = b""
+            return self._rewrite(data)
+        # A field never spans a line end, so cutting after the last one never splits a value.
+        cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+        self._tail = data[cut:]
+        return self._rewrite(data[:cut])
+
+    def flush(self) -> bytes:
+        """What is left of a stream that did not end with a line end (rewritten)."""
+        tail, self._tail = self._tail, b""
+        return self._rewrite(tail)
+
+    def _rewrite(self, lines: bytes) -> bytes:
+        if b'"model"' not in lines:
+            return lines
+        return _MODEL_FIELD.sub(self._template, lines)
 
 
 def _backend_failed(response: UpstreamResponse | UpstreamStream | None,
@@ -86,7 +126,7 @@ async def proxy_completion(router: Router, state: RoutingState, variant: str, pa
     latency_ms = (time.perf_counter() - started) * 1000.0
     row = interaction_row(**row_base, variant=variant, model_name=payload["model"],
                           model_version=state.versions[variant], latency_ms=latency_ms)
-    headers = _response_headers(row["id"], state.versions[variant])
+    headers = _response_headers(row["id"])
     if response is None or response.status_code >= 500:
         detail = str(error) if error else f"HTTP {response.status_code}"
         row.update(status="backend_error", error=detail[:2000])
@@ -111,6 +151,7 @@ async def proxy_completion(router: Router, state: RoutingState, variant: str, pa
                             client_id=row["client_id"], state=state, context=row_base["context"],
                             messages=row_base["request_messages"])
     if isinstance(data, dict):
+        data["model"] = router.config.public_model  # never the variant's backend model name
         data["interaction_id"] = row["id"]
     return Response(json.dumps(data).encode(), media_type="application/json", headers=headers)
 
@@ -122,7 +163,7 @@ async def proxy_stream(router: Router, state: RoutingState, variant: str, payloa
                                                   started)
     row = interaction_row(**row_base, variant=variant, model_name=payload["model"],
                           model_version=state.versions[variant])
-    headers = _response_headers(row["id"], state.versions[variant])
+    headers = _response_headers(row["id"])
     if upstream is None or upstream.status_code >= 400:
         return await _stream_failed(router, row, headers, upstream, error, started)
     if mirror:
@@ -194,9 +235,11 @@ def _backend_failed_response(error: BackendUnavailable | None,
 
 def _relay(router: Router, row: dict[str, Any], headers: dict[str, str],
            upstream: UpstreamStream, started: float) -> Response:
-    """Pass the open stream through chunk by chunk; the row (response text, time to first
+    """Pass the open stream through chunk by chunk (line by line where a chunk ends mid-line),
+    its `model` fields rewritten to the public model; the row (response text, time to first
     token, final status) is logged exactly once, and the backend released, however it ends."""
     text = SSEText()
+    rewriter = PublicModelRewriter(router.config.public_model)
     logged = False
 
     def log_once(status: str, error_text: str | None) -> None:
@@ -214,7 +257,12 @@ def _relay(router: Router, row: dict[str, Any], headers: dict[str, str],
                 if row["ttft_ms"] is None:
                     row["ttft_ms"] = (time.perf_counter() - started) * 1000.0
                 text.feed(chunk)
-                yield chunk
+                lines = rewriter.feed(chunk)
+                if lines:
+                    yield lines
+            rest = rewriter.flush()
+            if rest:
+                yield rest
             status = "ok"
         except BackendUnavailable as exc:
             status, error_text = "backend_error", str(exc)

@@ -2,14 +2,16 @@
 `Caller`, or `ADMIN`), and per-client X-Request-Id scoping and replay (`RequestLedger`); the
 router (`serving.router.Router`) owns one of each.
 
-An X-Request-Id names a request of one client (unique per (client_id, request_id)). The last
+An X-Request-Id names a request of one client (unique per (client_id, request_id)), and is
+bound to the end user who sent it: a replay naming another user (or none where the first named
+one, or one where the first named none) is a 409, never the other user's answer. The last
 `request_ids_max` ids are held in memory (`RequestIds`: (client, request id) -> `RequestEntry`,
 loaded from the database at start by `RequestLedger.load_request_ids`), so a fresh id costs no
 database read; one is made only when memory cannot vouch for the whole `request_id_window_s`.
 `RequestLedger.claim_request_id` either claims a new id for an interaction (in flight until
 `recorded` sees its row) or answers the replay: the stored answer with the same interaction id
-(JSON or a one-chunk SSE stream), a 409 while the first is in flight or when it failed, a 503
-while the stored answer cannot be read.
+(JSON or a one-chunk SSE stream), a 409 for another end user, while the first is in flight or
+when it failed, a 503 while the stored answer cannot be read.
 """
 
 from __future__ import annotations
@@ -82,11 +84,13 @@ class CallerKeys:
 
 @dataclass(slots=True)
 class RequestEntry:
-    """The interaction a (client, X-Request-Id) named, and its status once recorded."""
+    """The interaction a (client, X-Request-Id) named, its status once recorded, and the end
+    user who asked."""
 
     interaction_id: str
     created: float  # epoch seconds
     status: str | None = None  # the row's status (ok, backend_error, ...); None: in flight
+    user_hash: str | None = None  # the requester's user hash; None: the request named no user
 
 
 class RequestIds:
@@ -127,13 +131,14 @@ class RequestIds:
         if entry is not None and entry.interaction_id == interaction_id and entry.status is None:
             del self._entries[key]
 
-    def load(self, rows: Iterable[tuple[str, str, str, str, float]], loaded_from: float) -> None:
-        """Merge (client, request id, interaction id, status, created) rows read from the
-        database, newest first; memory is complete from `loaded_from` on."""
-        for client_id, request_id, interaction_id, status, created in rows:
+    def load(self, rows: Iterable[tuple[str, str, str, str, float, str | None]],
+             loaded_from: float) -> None:
+        """Merge (client, request id, interaction id, status, created, user hash or None) rows
+        read from the database, newest first; memory is complete from `loaded_from` on."""
+        for client_id, request_id, interaction_id, status, created, user_hash in rows:
             key = (client_id, request_id)
             if key not in self._entries:
-                self._entries[key] = RequestEntry(interaction_id, created, status)
+                self._entries[key] = RequestEntry(interaction_id, created, status, user_hash)
                 self._entries.move_to_end(key, last=False)
         self._loaded_from = loaded_from
         self._trim()
@@ -145,6 +150,15 @@ class RequestIds:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _requester_columns() -> tuple[Any, Any]:
+    """Who asked, as stored: the user hash, and whether the request named no user (its hash is
+    then random: the request is matched as naming none)."""
+    from tasks.core.db.models import Interaction
+
+    return (Interaction.user_hash,
+            Interaction.context.has_key("anonymous").label("anonymous"))
 
 
 class RequestLedger:
@@ -181,7 +195,8 @@ class RequestLedger:
             log.info("router: %d recent request ids loaded", len(rows))
             return
 
-    def _recent_request_ids(self) -> tuple[list[tuple[str, str, str, str, float]], float]:
+    def _recent_request_ids(self) -> tuple[list[tuple[str, str, str, str, float, str | None]],
+                                           float]:
         from sqlalchemy import select
 
         from tasks.core.db.engine import session_scope
@@ -192,14 +207,15 @@ class RequestLedger:
         with session_scope(self.engine) as session:
             found = session.execute(
                 select(Interaction.client_id, Interaction.request_id, Interaction.id,
-                       Interaction.status, Interaction.created_at)
+                       Interaction.status, Interaction.created_at, *_requester_columns())
                 .where(Interaction.request_id.is_not(None), Interaction.created_at >= since)
                 .order_by(Interaction.created_at.desc())
                 .limit(self.requests.max_items)
             ).all()
-        rows = [(client_id, request_id, interaction_id, status, created_at.timestamp())
-                for client_id, request_id, interaction_id, status, created_at in found
-                if client_id is not None]
+        rows = [(client_id, request_id, interaction_id, status, created_at.timestamp(),
+                 None if anonymous else user_hash)
+                for client_id, request_id, interaction_id, status, created_at, user_hash,
+                anonymous in found if client_id is not None]
         if len(found) < self.requests.max_items:
             return rows, started - self.requests.window_s
         return rows, found[-1].created_at.timestamp()
@@ -212,13 +228,15 @@ class RequestLedger:
 
         with session_scope(self.engine) as session:
             found = session.execute(
-                select(Interaction.id, Interaction.status, Interaction.created_at)
+                select(Interaction.id, Interaction.status, Interaction.created_at,
+                       *_requester_columns())
                 .where(Interaction.client_id == client_id,
                        Interaction.request_id == request_id)
             ).first()
         if found is None:
             return None
-        return RequestEntry(found.id, found.created_at.timestamp(), found.status)
+        return RequestEntry(found.id, found.created_at.timestamp(), found.status,
+                            None if found.anonymous else found.user_hash)
 
     def _stored_answer(self, interaction_id: str) -> tuple[str, datetime] | None:
         from sqlalchemy import select
@@ -234,9 +252,10 @@ class RequestLedger:
         return None if found is None else (found.response, found.created_at)
 
     async def claim_request_id(self, client_id: str, request_id: str, interaction_id: str,
-                               *, stream: bool) -> Response | None:
+                               *, user_hash: str | None, stream: bool) -> Response | None:
         """None when `request_id` is new for this client (it now names `interaction_id`, in
-        flight); else the answer to a replay: the stored answer, or a 409."""
+        flight, asked by `user_hash`: None when the request names no user); else the answer to
+        a replay: the stored answer, or a 409."""
         key = (client_id, request_id)
         entry = self.requests.get(key)
         if entry is None and self.requests.might_exist(time.time()):
@@ -253,8 +272,15 @@ class RequestLedger:
                 entry = found
                 self.requests.put(key, found)
         if entry is None:
-            self.requests.put(key, RequestEntry(interaction_id, time.time()))
+            self.requests.put(key, RequestEntry(interaction_id, time.time(),
+                                                user_hash=user_hash))
             return None
+        if entry.user_hash != user_hash:
+            # Checked first, and answered without the interaction id: nothing of another
+            # user's request (its id, whether it is in flight or failed) reaches this one.
+            return error_response(
+                409, f"the X-Request-Id {request_id!r} was used by another user of this client; "
+                "send a new X-Request-Id", param="x-request-id", code="request_id_conflict")
         return await self._replay(entry, request_id, stream=stream)
 
     async def _replay(self, entry: RequestEntry, request_id: str, *, stream: bool) -> Response:

@@ -24,7 +24,8 @@ Every request becomes an `interactions` row (HMAC-hashed user, context, prompt m
 text, model version, variant, latency, the client's name and X-Request-Id) written by a batch
 writer thread off the response path; its id (128 random bits from `secrets`) is returned in the
 `X-Interaction-Id` header (and `interaction_id` in JSON bodies). Which variant answered is never
-told to the client. The front door, for hostile clients:
+told to the client: the same headers whichever answered, no version, and the public model id as
+`model` in bodies and streamed events (`serving.proxy`). The front door, for hostile clients:
 
 - named API clients (`RouterConfig.clients`: name -> sha256 digest of its key; the one-key
   set-up's key is the client "default"): a Bearer token is looked up by its digest (a dict on
@@ -37,10 +38,12 @@ told to the client. The front door, for hostile clients:
   bodies too); more than `max_messages` messages or a message over `max_content_chars` a 422
   naming the field.
 - X-Request-Id names a request of one client (unique per (client_id, request_id)): a replay by
-  that client returns the stored answer with the same interaction id, or a 409 while the first
-  is still in flight or when it failed; it never overwrites. The last `request_ids_max` ids are
-  held in memory (`serving.request_ids`, loaded from the database at start), so a fresh id costs
-  no database read; one is made only when memory cannot vouch for the whole `request_id_window_s`.
+  that client and end user returns the stored answer with the same interaction id, or a 409
+  while the first is still in flight or when it failed; a replay by another end user of the
+  client is a 409 naming nothing of the first; it never overwrites. The last `request_ids_max`
+  ids are held in memory (`serving.request_ids`, loaded from the database at start), so a fresh
+  id costs no database read; one is made only when memory cannot vouch for the whole
+  `request_id_window_s`.
   An id reused after that window is served anew, and the log's write of its row is refused by
   the unique index (logged as failed): the first row stays.
 - reactions (`serving.reactions`) are accepted from the client, and end user, that got the
@@ -214,8 +217,10 @@ class Router:
 
     # -- auth and limits --
     def authenticate(self, credentials: HTTPAuthorizationCredentials | None) -> Caller | None:
-        """The caller a Bearer credential names, else None."""
-        if credentials is None or credentials.scheme.lower() != "bearer":
+        """The caller a Bearer credential names, else None (no credential, another scheme or
+        an empty token)."""
+        if (credentials is None or not credentials.credentials
+                or credentials.scheme.lower() != "bearer"):
             return None
         return self.keys.identify(credentials.credentials)
 
@@ -224,10 +229,8 @@ class Router:
         if not authorization:
             return None
         scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if not token or scheme.lower() != "bearer":
-            return None
-        return self.keys.identify(token)
+        return self.authenticate(HTTPAuthorizationCredentials(scheme=scheme,
+                                                              credentials=token.strip()))
 
     @staticmethod
     def client_of(caller: Caller | None) -> str:
@@ -360,8 +363,9 @@ async def _chat_completions(router: Router, request: Request) -> Any:
     # Never derived from X-Request-Id (a client-chosen value): unguessable, whoever asks.
     interaction_id = secrets.token_hex(16)
     if request_id is not None:
-        replay = await router.ledger.claim_request_id(client_id, request_id, interaction_id,
-                                                      stream=body.stream)
+        replay = await router.ledger.claim_request_id(
+            client_id, request_id, interaction_id, user_hash=user_hash if user_id else None,
+            stream=body.stream)
         if replay is not None:
             return replay
     state = router.resolver.state
@@ -463,7 +467,8 @@ def create_router_app(config: RouterConfig | None = None, *, engine: Any = None)
         "/chat/completions", tags=["openai"],
         responses={**ERROR_RESPONSES, 404: {"model": ErrorResponse, "description": "unknown model"},
                    409: {"model": ErrorResponse, "description": "a replayed X-Request-Id whose "
-                         "first request is still in flight, or failed"},
+                         "first request is still in flight, or failed, or came from another "
+                         "end user"},
                    200: {"description": "a chat completion (JSON) or an SSE stream",
                          "content": {"text/event-stream": {}}}},
         openapi_extra=_CHAT_OPENAPI,
@@ -491,8 +496,8 @@ _CHAT_OPENAPI: dict[str, Any] = {
          "schema": {"type": "string", "maxLength": 256}},
         {"name": "x-request-id", "in": "header", "required": False,
          "description": "names this request among the client's own: a retry with the same id "
-         "returns the stored answer (same X-Interaction-Id), or 409 while the first is in "
-         "flight or when it failed",
+         "returns the stored answer (same X-Interaction-Id) to the same end user, or 409 while "
+         "the first is in flight, when it failed, or for another end user",
          "schema": {"type": "string", "maxLength": 200}},
     ],
     "security": [{"HTTPBearer": []}],

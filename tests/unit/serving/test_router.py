@@ -7,6 +7,7 @@ test_router_security.py."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from serving.openai_schema import SSEText
+from serving.proxy import PublicModelRewriter
 from serving.router import create_router_app
 from serving.router_config import BackendConfig, RouterConfig, key_digest
 from serving.router_server import RouterServer
@@ -217,6 +219,61 @@ def test_sse_text_reassembles_deltas_split_across_chunks():
     for i in range(0, len(events), 7):
         text.feed(events[i:i + 7])
     assert text.text == "Hello"
+
+
+BACKEND_EVENTS = (
+    b'data: {"id":"c1","model":"smollm2-135m-instruct:reg-v2","choices":[{"delta":'
+    b'{"content":"the \\"model\\": \\"reg-v2\\" field"}}]}\n\n'
+    b'data: {"id": "c1", "model": "odd \\"name\\\\", "choices": []}\r\n\r\n'
+    b': keep-alive\n\nevent: ping\ndata: {"model":"reg-v2","usage":null}\n\n'
+    b"data: [DONE]\n\n")
+
+
+def rewritten(chunks: list[bytes], public_model: str = "tune\"loop") -> list[bytes]:
+    rewriter = PublicModelRewriter(public_model)
+    return [*(rewriter.feed(chunk) for chunk in chunks), rewriter.flush()]
+
+
+def with_public_model(raw: bytes) -> bytes:
+    """BACKEND_EVENTS (or a prefix of it) as the client must get it."""
+    for field in (b'"model":"smollm2-135m-instruct:reg-v2"', b'"model": "odd \\"name\\\\"',
+                  b'"model":"reg-v2"'):
+        raw = raw.replace(field, b'"model":"tune\\"loop"')
+    return raw
+
+
+# 1: a boundary at every byte (mid-line, mid-field, between \r and \n); the whole length: every
+# event in one chunk.
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 13, 64, len(BACKEND_EVENTS)])
+def test_every_streamed_model_field_is_rewritten_whatever_the_chunk_boundaries(size):
+    chunks = [BACKEND_EVENTS[i:i + size] for i in range(0, len(BACKEND_EVENTS), size)]
+    out = rewritten(chunks)
+    body = b"".join(out)
+    events = [json.loads(line[5:]) for line in body.splitlines()
+              if line.startswith(b"data:") and line != b"data: [DONE]"]
+    assert [event["model"] for event in events] == ['tune"loop'] * 3
+    assert events[0]["choices"][0]["delta"]["content"] == 'the "model": "reg-v2" field'
+    assert b"smollm2" not in body and b"odd" not in body
+    assert body == with_public_model(BACKEND_EVENTS)
+    # Whole lines only, each passed on with the chunk that completes it.
+    received, passed = b"", b""
+    for chunk, piece in zip(chunks, out, strict=False):
+        received += chunk
+        passed += piece
+        complete = received[:max(received.rfind(b"\n"), received.rfind(b"\r")) + 1]
+        assert passed == with_public_model(complete)
+    assert out[-1] == b""
+
+
+def test_whole_events_pass_in_the_chunk_they_came_in():
+    events = [b'data: {"model":"reg-v1","choices":[]}\n\n', b"data: [DONE]\n\n"]
+    assert rewritten(events, "tuneloop") == [b'data: {"model":"tuneloop","choices":[]}\n\n',
+                                             b"data: [DONE]\n\n", b""]
+
+
+def test_a_stream_ending_mid_line_is_rewritten_and_passed_at_the_end():
+    assert b"".join(rewritten([b'data: {"model":', b'"reg-v1"}'], "tuneloop")) == (
+        b'data: {"model":"tuneloop"}')
 
 
 # ---- over HTTP ---------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from serving.request_ids import RequestEntry, RequestIds
 from serving.router import create_router_app
 from serving.router_config import BackendConfig, RouterConfig, key_digest
 from serving.router_server import RouterServer
+from serving.routing import choose_variant, hash_user
 from tasks.core.db.engine import session_scope
 from tasks.core.db.models import Interaction, Reaction
 from tasks.core.ids import stable_id
@@ -317,17 +318,86 @@ def wait_for_mode(running, mode: str, timeout_s: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def test_no_response_names_the_variant(serve, backend, security_engine, model_name):
-    deploy_challenger("2", champion_version="1", mode="canary", share=1.0,
+# What may differ between two answers whatever answered them: ids, dates and body lengths.
+PER_ANSWER_HEADERS = {"x-interaction-id", "date", "content-length"}
+
+
+def one_user_per_variant(share: float) -> dict[str, str]:
+    """variant -> a user the routing function sends to it at canary `share`."""
+    users: dict[str, str] = {}
+    for i in range(1_000):
+        user = f"user-{i}"
+        users.setdefault(choose_variant(hash_user(user, SALT), "canary", share), user)
+        if len(users) == 2:
+            return users
+    raise AssertionError(f"no user for each variant at share {share}")
+
+
+def streamed_events(response: httpx.Response) -> list[dict]:
+    """The JSON events of an SSE body (the [DONE] marker left out)."""
+    data = [line.removeprefix("data:").strip() for line in response.text.splitlines()
+            if line.startswith("data:")]
+    assert data[-1] == "[DONE]", response.text
+    return [json.loads(event) for event in data[:-1]]
+
+
+def served_variant(running: Running, engine, response: httpx.Response) -> Interaction:
+    interaction_id = response.headers["x-interaction-id"]
+    assert running.router.log.wait_written(interaction_id, 10)
+    return stored(engine, interaction_id)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_answers_of_the_two_variants_look_alike(serve, security_engine, model_name, stream):
+    deploy_challenger("2", champion_version="1", mode="canary", share=0.5,
                       model_name=model_name, engine=security_engine)
     running = serve()
     wait_for_mode(running, "canary")
-    interaction_id = answered(running, running.web)
+    answers = {variant: chat(running.web, user=user, stream=stream)
+               for variant, user in one_user_per_variant(0.5).items()}
+    for variant, response in answers.items():
+        assert response.status_code == 200, response.text
+        row = served_variant(running, security_engine, response)
+        # Which variant and version answered is logged: in the stored row only.
+        assert (row.variant, row.model_version, row.model_name) == {
+            "champion": ("champion", "1", "champ"),
+            "challenger": ("challenger", "2", "chall")}[variant]
+    champion, challenger = answers["champion"], answers["challenger"]
+    assert ([name for name, _ in champion.headers.multi_items()]
+            == [name for name, _ in challenger.headers.multi_items()])
+    assert ({name: value for name, value in champion.headers.multi_items()
+             if name not in PER_ANSWER_HEADERS}
+            == {name: value for name, value in challenger.headers.multi_items()
+                if name not in PER_ANSWER_HEADERS})
+    for response in answers.values():
+        assert "x-tuneloop-model-version" not in response.headers
+        assert "chall" not in response.text and "champ" not in response.text
+    if stream:
+        events = {variant: streamed_events(response) for variant, response in answers.items()}
+        assert len(events["champion"]) == len(events["challenger"]) > 2
+        assert {event["model"] for variant_events in events.values()
+                for event in variant_events} == {"tuneloop"}
+        assert ([sorted(event) for event in events["champion"]]
+                == [sorted(event) for event in events["challenger"]])
+    else:
+        assert champion.json()["model"] == challenger.json()["model"] == "tuneloop"
+        assert sorted(champion.json()) == sorted(challenger.json())
+
+
+def test_no_response_names_the_variant(serve, backend, security_engine, model_name):
+    deploy_challenger("2", champion_version="1", mode="canary", share=0.5,
+                      model_name=model_name, engine=security_engine)
+    running = serve()
+    wait_for_mode(running, "canary")
+    users = one_user_per_variant(0.5)
+    interaction_id = answered(running, running.web, user=users["challenger"])
     responses = [
-        chat(running.web, user="alice"),
-        chat(running.web, user="alice", stream=True),
-        chat(running.web, user="alice", request_id="r1"),
-        chat(running.web, user="alice", request_id="r1"),  # a replay
+        *(chat(running.web, user=user, stream=stream)
+          for user in users.values() for stream in (False, True)),
+        chat(running.web, user=users["challenger"], request_id="r1"),
+        chat(running.web, user=users["challenger"], request_id="r1"),  # a replay
+        chat(running.web, user=users["challenger"], request_id="r2", stream=True),
+        chat(running.web, user=users["challenger"], request_id="r2", stream=True),  # a replay
         running.web.post("/chat/completions", json={"model": "gpt-4", "messages": []}),
         running.web.post("/chat/completions", json={"model": "nope", "messages": [
             {"role": "user", "content": "x"}]}),
@@ -337,7 +407,15 @@ def test_no_response_names_the_variant(serve, backend, security_engine, model_na
     ]
     for response in responses:
         assert "x-tuneloop-variant" not in response.headers, response.request.url
+        assert "x-tuneloop-model-version" not in response.headers, response.request.url
         assert "challenger" not in response.text
+        assert "chall" not in response.text and "champ" not in response.text
+    for response in responses[:8]:
+        assert response.status_code == 200, response.text
+        models = ({event["model"] for event in streamed_events(response)}
+                  if response.headers["content-type"].startswith("text/event-stream")
+                  else {response.json()["model"]})
+        assert models == {"tuneloop"}
     assert stored(security_engine, interaction_id).variant == "challenger"
 
 
@@ -456,10 +534,70 @@ def test_an_evicted_request_id_is_found_in_the_database(serve, security_engine):
     assert replay.json()["choices"][0]["message"]["content"] == "answer to q0"
 
 
+REPLAY_USERS = [("alice", "mallory"), ("alice", None), (None, "mallory")]
+
+
+def replayed_from(where: str, serve, request_id: str, first_user: str | None
+                  ) -> tuple[Running, httpx.Response]:
+    """A router that answers a replay of `request_id` (first sent by `first_user`) from
+    `where`: memory, the database lookup of an evicted id, or the ids loaded at a restart."""
+    running = serve(request_ids_max=2 if where == "lookup" else 10_000)
+    first = chat(running.web, "private question", user=first_user, request_id=request_id)
+    assert first.status_code == 200, first.text
+    assert running.router.log.wait_written(first.headers["x-interaction-id"], 10)
+    if where == "lookup":
+        for i in range(2):
+            chat(running.web, f"q{i}", user="bob", request_id=uuid.uuid4().hex)
+        assert running.router.requests.get(("web", request_id)) is None  # evicted
+    elif where == "restart":
+        running.close()
+        running = serve()
+        deadline = time.monotonic() + 10
+        while running.router.requests.get(("web", request_id)) is None:  # loaded at start
+            assert time.monotonic() < deadline, "the request ids were never loaded"
+            time.sleep(0.02)
+    return running, first
+
+
+@pytest.mark.parametrize("where", ["memory", "lookup", "restart"])
+@pytest.mark.parametrize("first_user, replay_user", REPLAY_USERS,
+                         ids=["other-user", "no-user", "user-after-none"])
+def test_a_request_id_replayed_by_another_end_user_is_409(serve, security_engine, where,
+                                                          first_user, replay_user):
+    request_id = uuid.uuid4().hex
+    running, first = replayed_from(where, serve, request_id, first_user)
+    for stream in (False, True):
+        replay = chat(running.web, "tell me", user=replay_user, request_id=request_id,
+                      stream=stream)
+        assert replay.status_code == 409, replay.text
+        error = replay.json()["error"]
+        assert (error["code"], error["param"]) == ("request_id_conflict", "x-request-id")
+        assert "another user of this client" in error["message"]
+        assert "send a new X-Request-Id" in error["message"]
+        # Nothing of the first request reaches the other user: not its answer, not its id.
+        assert "private question" not in replay.text
+        assert "x-interaction-id" not in replay.headers
+        assert first.headers["x-interaction-id"] not in replay.text
+    assert running.router.log.flush(10)
+    rows = rows_for_request(security_engine, request_id)
+    assert [row.id for row in rows] == [first.headers["x-interaction-id"]]
+
+
+@pytest.mark.parametrize("where", ["memory", "lookup", "restart"])
+@pytest.mark.parametrize("user", ["alice", None], ids=["named", "anonymous"])
+def test_a_request_id_replayed_by_the_same_end_user_gets_the_stored_answer(serve, where, user):
+    request_id = uuid.uuid4().hex
+    running, first = replayed_from(where, serve, request_id, user)
+    replay = chat(running.web, "again", user=user, request_id=request_id)
+    assert replay.status_code == 200, replay.text
+    assert replay.headers["x-interaction-id"] == first.headers["x-interaction-id"]
+    assert replay.json()["choices"][0]["message"]["content"] == "answer to private question"
+
+
 def test_memory_vouches_for_fresh_ids_only_over_the_whole_window():
     requests = RequestIds(max_items=2, window_s=100.0)
     assert requests.might_exist(now=1_000.0)  # nothing loaded: anything may exist
-    requests.load([("web", "old", "i0", "ok", 950.0)], loaded_from=900.0)
+    requests.load([("web", "old", "i0", "ok", 950.0, None)], loaded_from=900.0)
     assert not requests.might_exist(now=1_000.0)  # memory covers 900..now
     assert requests.get(("web", "old")).interaction_id == "i0"
     requests.put(("web", "a"), RequestEntry("i1", 990.0))
