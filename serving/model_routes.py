@@ -24,7 +24,6 @@ and PermissionDeniedError.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 import threading
@@ -63,6 +62,7 @@ from serving.openai_schema import (
     sse_event,
     usage,
 )
+from tasks.core.secrets import MAKE_A_SECRET, key_digest
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,6 @@ def required_access(method: str, path: str) -> Access:
     return "admin"
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
 class ServerKeys:
     """The model server's API and admin keys, kept as digests and compared in constant time."""
 
@@ -137,12 +133,12 @@ class ServerKeys:
         if not api_key or not admin_key:
             missing = API_KEY_SETTING if not api_key else ADMIN_KEY_SETTING
             raise ValueError(f"{missing} is empty; set it to a secret, e.g. the output of "
-                             "python -c 'import secrets; print(secrets.token_hex(32))'")
-        if hmac.compare_digest(_digest(api_key), _digest(admin_key)):
+                             f"{MAKE_A_SECRET}")
+        if hmac.compare_digest(key_digest(api_key), key_digest(admin_key)):
             raise ValueError(f"{ADMIN_KEY_SETTING} equals {API_KEY_SETTING}, so every client could "
                              "register adapters; give the admin key a value of its own")
-        self._api = _digest(api_key)
-        self._admin = _digest(admin_key)
+        self._api = key_digest(api_key)
+        self._admin = key_digest(admin_key)
 
     def __repr__(self) -> str:
         return "ServerKeys(<hidden>)"
@@ -152,7 +148,7 @@ class ServerKeys:
         wrong one). Both digests are compared every time (equal lengths, `hmac.compare_digest`),
         so the answer's timing says nothing about either key."""
         scheme, _, token = (authorization or "").partition(" ")
-        presented = _digest(token.strip())
+        presented = key_digest(token.strip())
         is_admin = hmac.compare_digest(presented, self._admin)
         is_api = hmac.compare_digest(presented, self._api)
         if scheme.lower() != "bearer" or not token.strip():

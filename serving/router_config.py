@@ -1,20 +1,29 @@
 """The router's configuration: `RouterConfig` (backends, registered model, named API clients and
-the admin key — stored as digests, never the keys — salt, rate and request limits, replay and
-reaction windows, log batching) with one `BackendConfig` per variant, filled from the
-environment by `RouterConfig.from_settings()`; `key_digest`, how a key is stored
-("sha256:<hex>"); the variant and mode names, the presets for how a registered version is named
-on a backend, and `RouterError`, raised when the router cannot start or serve.
+the admin key — stored as digests, never the keys — salt, registry signing key and state file,
+rate and request limits, replay and reaction windows, log batching) with one `BackendConfig` per
+variant, filled from the environment by `RouterConfig.from_settings()`; `key_digest`, how a key
+is stored ("sha256:<hex>"); where the routing state is kept (`default_state_path`); the variant
+and mode names, the presets for how a registered version is named on a backend, and
+`RouterError`, raised when the router cannot start or serve.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from tasks.core.configs import http_url
-from tasks.core.secrets import CLIENT_DIGEST, MAKE_A_SECRET
+from tasks.core.secrets import (
+    CLIENT_NAME,
+    CLIENT_NAME_RULE,
+    DEV_MODEL_SERVER_API_KEY,
+    DEV_REGISTRY_SIGNING_KEY,
+    MAKE_A_SECRET,
+    normalized_digest,
+)
 from tasks.core.secrets import key_digest as key_digest  # re-exported: one definition, in core
 from tasks.core.settings import DEFAULT_LOCAL_MODEL, Settings, get_settings
 
@@ -32,12 +41,16 @@ MODEL_TEMPLATES = {
 }
 _TEMPLATE_FIELDS = {"base_model": "b", "registered_model_name": "m", "version": "1"}
 
-# A client name is what interactions and reactions store as client_id (64 characters at most).
-CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 LEGACY_CLIENT = "default"  # the client TUNELOOP_ROUTER_API_KEY (and `api_keys`) stands for
 _MAKE_CLIENT = ("make one with `tuneloop secrets client NAME` (it prints the key once and the "
                 "TUNELOOP_ROUTER_CLIENTS entry with its digest), or by hand: key=$(" + MAKE_A_SECRET
                 + ") and store \"sha256:\" + the hex SHA-256 of the key, never the key itself")
+
+
+def default_state_path(data_dir: Path, registered_model_name: str) -> Path:
+    """Where the router keeps its last known good state for one registered model."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", registered_model_name).strip("-.") or "default"
+    return data_dir / f"router-state-{safe}.json"
 
 
 class RouterError(RuntimeError):
@@ -57,7 +70,7 @@ class BackendConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
     base_url: str
-    api_key: SecretStr = SecretStr("tuneloop-local")
+    api_key: SecretStr = SecretStr(DEV_MODEL_SERVER_API_KEY)
     base_model: str = DEFAULT_LOCAL_MODEL
     model_template: str = "local"
     timeout_s: float = 120.0
@@ -119,6 +132,12 @@ class RouterConfig(BaseModel):
     # client key. None: no admin key, the control routes answer 401/403 to everyone.
     admin_key_sha256: str | None = None
     user_hash_salt: SecretStr
+    # The key registry versions are signed with (tasks.core.signing): only a version whose
+    # signature verifies under it is served. The default is the development key.
+    registry_signing_key: SecretStr = SecretStr(DEV_REGISTRY_SIGNING_KEY)
+    # Where the last known good routing state is kept (from_settings: default_state_path under
+    # the data dir); None: in memory only, a restart starts from nothing.
+    state_path: Path | None = None
     database_url: str | None = None  # None: tasks.core.db.engine.get_engine()
     tracking_uri: str | None = None  # None: settings.resolved_mlflow_tracking_uri
     use_registry: bool = True
@@ -179,16 +198,13 @@ class RouterConfig(BaseModel):
         for name, digest in value.items():
             if not CLIENT_NAME.fullmatch(name):
                 raise ValueError(
-                    f"TUNELOOP_ROUTER_CLIENTS: client name {name[:80]!r} is not 1-64 letters, "
-                    "digits, '_', '.' or '-' (starting with a letter or digit); rename it, "
-                    "e.g. {\"web\": \"sha256:...\"}")
-            normalized = str(digest).strip().lower()
-            if not CLIENT_DIGEST.fullmatch(normalized):
-                # The value is not echoed: a mistake here is often the raw key itself.
-                raise ValueError(
-                    f"TUNELOOP_ROUTER_CLIENTS: client {name!r} is not stored as "
-                    f"sha256:<64 hex digits> of its key; {_MAKE_CLIENT}")
-            clients[name] = normalized
+                    f"TUNELOOP_ROUTER_CLIENTS: client name {name[:80]!r} is not "
+                    f"{CLIENT_NAME_RULE}; rename it, e.g. {{\"web\": \"sha256:...\"}}")
+            try:
+                clients[name] = normalized_digest(
+                    digest, f"TUNELOOP_ROUTER_CLIENTS: client {name!r}")
+            except ValueError as exc:
+                raise ValueError(f"{exc}; {_MAKE_CLIENT}") from None
         return clients
 
     @field_validator("admin_key_sha256")
@@ -196,12 +212,11 @@ class RouterConfig(BaseModel):
     def _admin_digest(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        normalized = value.strip().lower()
-        if not CLIENT_DIGEST.fullmatch(normalized):
-            raise ValueError(
-                "admin_key_sha256 is not sha256:<64 hex digits>; build it with "
-                "serving.router_config.key_digest(<the TUNELOOP_ROUTER_ADMIN_KEY value>)")
-        return normalized
+        try:
+            return normalized_digest(value, "admin_key_sha256")
+        except ValueError as exc:
+            raise ValueError(f"{exc}; build it with serving.router_config.key_digest(<the "
+                             "TUNELOOP_ROUTER_ADMIN_KEY value>)") from None
 
     @field_validator("api_keys")
     @classmethod
@@ -276,8 +291,9 @@ class RouterConfig(BaseModel):
     def from_settings(cls, settings: Settings | None = None, **overrides: Any) -> RouterConfig:
         """Backends from TUNELOOP_ROUTER_{CHAMPION,CHALLENGER}_BASE_URL (default: the local
         model server, called with TUNELOOP_MODEL_SERVER_API_KEY), clients from
-        TUNELOOP_ROUTER_CLIENTS (+ TUNELOOP_ROUTER_API_KEY as "default"), the admin key,
-        limits, salt and registered model from settings; `overrides` win."""
+        TUNELOOP_ROUTER_CLIENTS (+ TUNELOOP_ROUTER_API_KEY as "default", through `api_keys`),
+        the admin key, the registry signing key, the state file under the data dir, limits,
+        salt and registered model from settings; `overrides` win."""
         settings = settings or get_settings()
         template = settings.router_model_template
         champion_url = settings.router_champion_base_url or settings.local_model_server_url
@@ -293,13 +309,15 @@ class RouterConfig(BaseModel):
                                             base_model=settings.llm_model, api_key=backend_key),
             },
             "registered_model_name": settings.registered_model_name,
-            "clients": settings.router_client_digests(),
+            "clients": settings.router_clients,
+            "api_keys": [key] if (key := settings.router_legacy_key()) else [],
             "admin_key_sha256": key_digest(admin_key) if admin_key else None,
             "max_body_bytes": settings.router_max_body_bytes,
             "max_messages": settings.router_max_messages,
             "max_content_chars": settings.router_max_content_chars,
             "reaction_window_s": settings.router_reaction_window_s,
             "user_hash_salt": settings.user_hash_salt,
+            "registry_signing_key": settings.registry_signing_key,
             "database_url": settings.database_url,
             "tracking_uri": settings.resolved_mlflow_tracking_uri,
             "rate_limit_per_s": settings.router_user_rate_limit_per_s,
@@ -308,4 +326,6 @@ class RouterConfig(BaseModel):
             "key_rate_limit_burst": settings.router_key_rate_limit_burst,
         }
         values.update(overrides)
+        values.setdefault("state_path", default_state_path(settings.data_dir,
+                                                           values["registered_model_name"]))
         return cls(**values)

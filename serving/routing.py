@@ -17,12 +17,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from serving.router_config import VARIANTS, RouterConfig, Variant
+from serving.router_config import default_state_path as default_state_path  # re-exported
 from tasks.core.ids import hash_user as hash_user  # re-exported: the router hashes with it
-from tasks.core.settings import get_settings
 from tasks.core.signing import TAG_IS_BASE, verify_version
 
 log = logging.getLogger("serving.router")  # the router's one log, as before the split
@@ -87,12 +86,6 @@ def check_version(model_version: Any, *, name: str, key: Any) -> VersionCheck:
     )
 
 
-def default_state_path(data_dir: Path, registered_model_name: str) -> Path:
-    """Where the router keeps its last known good state for one registered model."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", registered_model_name).strip("-.") or "default"
-    return data_dir / f"router-state-{safe}.json"
-
-
 _VERSION = re.compile(r"[0-9]{1,18}")  # MLflow version numbers are integers
 
 
@@ -104,8 +97,9 @@ class StateResolver:
     not (unsigned, edited after registration, gate not passed, no such version, or not readable
     while MLflow is down) leaves the variant on its last good version, with the reason in
     `state.rejected` and one WARNING; requests never fail for it. The last good state is kept in
-    a small JSON file (`state_path`, written atomically when it changes) and loaded here, so a
-    router starting while MLflow is unreachable serves it (or the base model when there is none).
+    a small JSON file (`config.state_path`, written atomically when it changes; None: memory
+    only) and loaded here, so a router starting while MLflow is unreachable serves it (or the
+    base model when there is none). Versions are verified with `config.registry_signing_key`.
     With the registry off (`use_registry=False`), versions pinned by the deployment are served
     as they are: there is nothing to verify them against.
 
@@ -116,13 +110,11 @@ class StateResolver:
     # Router.start waits this long for the first registry read, then serves what it has.
     start_wait_s = 2.0
 
-    def __init__(self, config: RouterConfig, engine: Any, *,
-                 state_path: Path | None = None) -> None:
-        settings = get_settings()
+    def __init__(self, config: RouterConfig, engine: Any) -> None:
         self.config = config
         self.engine = engine
         self._lock = threading.Lock()
-        self._key = settings.registry_signing_key
+        self._key = config.registry_signing_key
         self._aliases: dict[str, str | None] = {"champion": None, "challenger": None}
         self._deployment: dict[str, Any] | None = None
         self._checks: dict[str, VersionCheck] = {}  # the latest read of each version wanted
@@ -132,8 +124,7 @@ class StateResolver:
         self._logged_rejections: dict[str, str] = {}
         self._logged_pins: set[tuple[Any, ...]] = set()
         self._client: Any = None
-        self.state_path = state_path or default_state_path(settings.data_dir,
-                                                           config.registered_model_name)
+        self.state_path = config.state_path
         self._persisted: dict[str, Any] | None = None
         if config.use_registry:
             self._load_persisted()
@@ -369,12 +360,12 @@ class StateResolver:
                 "backend_models": dict(state.backend_models)}
 
     def _persist(self, state: RoutingState) -> None:
-        if not self.config.use_registry or not self._registry_read:
+        path = self.state_path
+        if path is None or not self.config.use_registry or not self._registry_read:
             return  # only a state read from the registry replaces the file
         snapshot = self._snapshot(state)
         if snapshot == self._persisted:
             return
-        path = self.state_path
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -388,6 +379,8 @@ class StateResolver:
 
     def _load_persisted(self) -> None:
         path = self.state_path
+        if path is None:
+            return
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:

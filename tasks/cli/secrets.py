@@ -6,7 +6,8 @@ fresh value for every secret the compose file requires; it never overwrites one 
 .key_digest), so a key is shown once, on stderr, and kept nowhere: `client NAME` makes another,
 `revoke NAME` drops one; rotating a key is adding a new client, deploying it, moving the caller
 over, then revoking the old one. `check` runs the production checks of tasks.core.settings on
-the current environment (and `.env`) and exits 2 listing every problem, one line each.
+the current environment (and `.env`), and the router's client rules (serving.router_config),
+and exits 2 listing every problem, one line each.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from tasks.cli.common import EXIT_OK, UsageError, add_command
+from tasks.core.secrets import CLIENT_NAME, CLIENT_NAME_RULE
 
 DOCKER_SOCKET = Path("/var/run/docker.sock")
 CLIENTS_VARIABLE = "TUNELOOP_ROUTER_CLIENTS"
-CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MLFLOW_ADMIN_USERNAME = "mlflow-admin"
 MLFLOW_CLIENT_USERNAME = "tuneloop"
 AIRFLOW_DEFAULT_UID = 50000  # the official Airflow image's user
@@ -259,8 +260,7 @@ def _client(args: argparse.Namespace) -> int:
     from tasks.core.secrets import key_digest
 
     if not CLIENT_NAME.fullmatch(args.name):
-        raise UsageError(f"client name {args.name!r} must be 1-64 letters, digits, '.', '_' or "
-                         "'-', starting with a letter or digit; e.g. web-2026")
+        raise UsageError(f"client name {args.name!r} must be {CLIENT_NAME_RULE}; e.g. web-2026")
     clients = _current_clients(args.env_file)
     if args.name in clients and not args.replace:
         raise UsageError(f"client {args.name!r} exists; rotate by adding a new name (e.g. "
@@ -300,13 +300,24 @@ def _check(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         problems += [line.strip() for line in str(exc).splitlines()[1:]]
         settings = None
+    clients: list[str] = []
+    if settings is not None:
+        from pydantic import ValidationError
+
+        from serving.router_config import RouterConfig
+
+        try:  # the router's own rules: TUNELOOP_ROUTER_API_KEY folded in, one key per client
+            clients = sorted(RouterConfig.from_settings(settings).clients)
+        except ValidationError as exc:
+            problems += [str(error["msg"]).removeprefix("Value error, ")
+                         for error in exc.errors()]
     if problems:
         raise SettingsError("not ready for production:\n  " + "\n  ".join(problems))
     uri = settings.resolved_mlflow_tracking_uri
     print(json.dumps({"production_ready": True,
                       "airflow_checked": settings.is_airflow_process,
                       "mlflow_auth_checked": uri.startswith(("http://", "https://")),
-                      "router_clients": sorted(settings.router_client_digests())}))
+                      "router_clients": clients}))
     return EXIT_OK
 
 

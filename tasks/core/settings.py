@@ -47,7 +47,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.core.configs import http_url
 from tasks.core.secrets import (
-    CLIENT_DIGEST,
+    CLIENT_NAME,
+    CLIENT_NAME_RULE,
     DEV_MODEL_SERVER_ADMIN_KEY,
     DEV_MODEL_SERVER_API_KEY,
     DEV_REGISTRY_SIGNING_KEY,
@@ -61,7 +62,7 @@ from tasks.core.secrets import (
     MAKE_A_SECRET,
     MIN_PASSWORD_CHARS,
     MIN_SECRET_CHARS,
-    key_digest,
+    normalized_digest,
     redact_url,
     secret_problem,
 )
@@ -332,7 +333,7 @@ class Settings(BaseSettings):
     @classmethod
     def _router_api_key(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
         # Left at the development default it is simply no client in production (see
-        # router_client_digests); TUNELOOP_ROUTER_CLIENTS then has to name one.
+        # router_legacy_key); TUNELOOP_ROUTER_CLIENTS then has to name one.
         if _in_production(info) and value.get_secret_value() != DEV_ROUTER_API_KEY:
             _require_secret(value, info)
         return value
@@ -340,23 +341,27 @@ class Settings(BaseSettings):
     @field_validator("router_clients")
     @classmethod
     def _router_clients(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
-        if not _in_production(info):
-            return value
+        # Names and digests are checked (and digests normalised) in every mode, as the router
+        # checks them (serving.router_config), so dev accepts exactly what production does.
         example = ("`tuneloop secrets client NAME` makes a key and prints the "
                    "TUNELOOP_ROUTER_CLIENTS JSON with its digest")
-        plain = sorted(name for name, digest in value.items()
-                       if not CLIENT_DIGEST.fullmatch(str(digest)))
-        if plain:
-            raise ValueError(
-                f"client(s) {', '.join(plain)} are not stored as sha256:<64 hex digits> of "
-                f"the key (never the key itself), and TUNELOOP_ENV=production; {example}")
+        clients = {}
+        for name, digest in value.items():
+            if not CLIENT_NAME.fullmatch(name):
+                raise ValueError(f"client name {name[:80]!r} is not {CLIENT_NAME_RULE}; rename "
+                                 'it, e.g. {"web": "sha256:..."}')
+            try:
+                clients[name] = normalized_digest(digest, f"client {name!r}")
+            except ValueError as exc:
+                raise ValueError(f"{exc}; {example}") from None
         api_key = info.data.get("router_api_key")
-        if not value and (api_key is None or api_key.get_secret_value() == DEV_ROUTER_API_KEY):
+        if _in_production(info) and not clients and \
+                (api_key is None or api_key.get_secret_value() == DEV_ROUTER_API_KEY):
             raise ValueError(
                 "names no client and TUNELOOP_ROUTER_API_KEY is unset or the development "
                 f"default, and TUNELOOP_ENV=production: the router would take no key but the "
                 f"public one; {example} (`tuneloop secrets init` writes a first one)")
-        return value
+        return clients
 
     @field_validator("model_server_admin_key")
     @classmethod
@@ -473,16 +478,14 @@ class Settings(BaseSettings):
     def is_airflow_process(self) -> bool:
         return self.airflow_metadata_db is not None
 
-    def router_client_digests(self) -> dict[str, str]:
-        """Every router client and its key digest: TUNELOOP_ROUTER_CLIENTS, plus
-        TUNELOOP_ROUTER_API_KEY as the client "default" (in production only when it is not the
-        development default, which production never accepts)."""
-        clients = dict(self.router_clients)
+    def router_legacy_key(self) -> SecretStr | None:
+        """TUNELOOP_ROUTER_API_KEY when it is a router client (RouterConfig.from_settings adds
+        it to TUNELOOP_ROUTER_CLIENTS as the client "default"): set and, in production, not the
+        development default (which production never accepts)."""
         key = self.router_api_key.get_secret_value()
         if key and (self.env == "dev" or key != DEV_ROUTER_API_KEY):
-            clients.setdefault("default" if "default" not in clients else "router_api_key",
-                               key_digest(key))
-        return clients
+            return self.router_api_key
+        return None
 
     @property
     def local_model_server_url(self) -> str:

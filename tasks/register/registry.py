@@ -7,8 +7,10 @@ artifact is a small `base/base_model.json` marker (no adapter) tagged `is_base=t
 `ensure_champion` registers it once and points `champion` at it, and consumers call
 `materialize_adapter`, which returns None for such a version ("serve the base model alone").
 Every version created here is signed (`tuneloop.signature`, an HMAC with
-`settings.registry_signing_key` over its source, run id and registration tags: see
-`tasks.core.signing`); the router serves no other.
+`settings.registry_signing_key` over its source, run id and registration tags, an adapter's
+among them the sha256 of its `adapter/` files, `tuneloop.adapter_sha256`: see
+`tasks.core.signing`); the router serves no other, and `materialize_adapter` installs an adapter
+only when its signature verifies and the downloaded files have the signed digest.
 Logging the run is `runs`, adapter staging and base-model paths are `adapters`, the client and
 tag keys are `tracking`; the names other stages import are re-exported here.
 """
@@ -24,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.settings import DEFAULT_LOCAL_MODEL, get_settings
-from tasks.core.signing import SIGNATURE_TAG, sign_tags, verify_version
+from tasks.core.signing import (
+    SIGNATURE_TAG,
+    TAG_ADAPTER_SHA256,
+    adapter_digest,
+    sign_tags,
+    verify_version,
+)
 from tasks.register.runs import load_dataset_ref as load_dataset_ref
 from tasks.register.runs import log_run_artifact as log_run_artifact
 from tasks.register.runs import log_run_metrics as log_run_metrics
@@ -95,6 +103,15 @@ def _sign(client, name: str, version: Any, tags: Mapping[str, str]) -> str:
     return signature
 
 
+def _artifact_digest(client, run_id: str) -> str:
+    """`adapter_digest` of the run's `adapter/` artifact as MLflow holds it now: the files the
+    signature vouches for (downloaded to a temporary folder)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tuneloop-register-") as tmp:
+        return adapter_digest(client.download_artifacts(run_id, ADAPTER_ARTIFACT_PATH, tmp))
+
+
 def register_version(
     run_id: str,
     *,
@@ -102,7 +119,8 @@ def register_version(
     tags: Mapping[str, Any] | None = None,
     alias: str = CHALLENGER,
 ) -> dict[str, Any]:
-    """Register the run's adapter as a model version, tag and sign it, point `alias` at it.
+    """Register the run's adapter as a model version, tag and sign it (with the digest of its
+    adapter files), point `alias` at it.
 
     Idempotent: a run already registered returns its existing version (its registration tags
     re-asserted from the run, re-signed, the alias re-set). The caller's `tags` are
@@ -141,6 +159,8 @@ def register_version(
     }
     version_tags.update(deid_tags(tags or {}))
     version_tags.pop(SIGNATURE_TAG, None)  # only _sign writes it
+    # Set after the caller's tags: the digest is of the files, never a value somebody passes.
+    version_tags[TAG_ADAPTER_SHA256] = _artifact_digest(client, run_id)
     # A version someone else made for this run, with another source, is not ours to sign.
     existing = [mv for mv in _versions_for_run(client, name, run_id) if mv.source == source]
     created = False
@@ -268,23 +288,53 @@ def adapter_cache_dir(version: str | int, model_name: str | None = None) -> Path
     return get_settings().data_dir / "adapters" / f"{slug(registered_model_name(model_name))}-v{version}"
 
 
+def _reregister(info: Mapping[str, Any]) -> str:
+    """How to make a version materializable again: re-register (and so re-sign) it."""
+    if info["is_base"]:
+        return ("point the alias at a base version tuneloop signed (ensure_champion registers "
+                "one when champion is unset)")
+    return f"re-register its run: register_version({info['run_id']!r}, alias=\"\")"
+
+
+def _cached(target: Path, info: Mapping[str, Any], expected_digest: str) -> bool:
+    """Whether `target` holds a complete earlier download of this version's signed files."""
+    try:
+        marker = json.loads((target / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("run_id") == info["run_id"] \
+        and marker.get("adapter_sha256") == expected_digest
+
+
 def materialize_adapter(version: str | int, *, model_name: str | None = None) -> Path | None:
     """Download a version's adapter to `<data_dir>/adapters/<model>-v<version>/`; return it.
 
-    Idempotent (a complete earlier download for the same run is reused) and atomic (download
-    into a temp folder, then rename). Returns None for the base-model version (no adapter).
+    Only a version tuneloop signed (`verify_version`; the gate is the router's to check, not
+    this) whose downloaded files have the digest signed at registration is installed; anything
+    else raises RegistryError and leaves nothing in the adapters folder. Idempotent (a complete
+    earlier download of the same files is reused) and atomic (download into a temp folder,
+    check, then rename). Returns None for the base-model version (no adapter).
     """
     info = get_version_info(version, model_name=model_name)
+    where = {"model_name": info["model_name"], "version": info["version"],
+             "run_id": info["run_id"]}
+    label = f"version {info['version']} of {info['model_name']}"
+    problem = verify_version(_signing_key(), info["tags"], name=info["model_name"],
+                             source=info["source"], run_id=info["run_id"], require_gate=False)
+    if problem:
+        raise RegistryError(f"{label} is not a registration tuneloop signed: {problem}; if it "
+                            f"is yours, {_reregister(info)}", **where)
     if info["is_base"]:
         return None
+    expected = info["tags"].get(TAG_ADAPTER_SHA256, "")
+    if not expected:
+        raise RegistryError(
+            f"{label} has no {TAG_ADAPTER_SHA256} tag: it was registered before adapter files "
+            f"were signed, so they cannot be checked; {_reregister(info)} (it signs the files "
+            "MLflow holds now) and materialize again", **where)
     target = adapter_cache_dir(info["version"], info["model_name"])
-    marker = target / MARKER_FILE
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()).get("run_id") == info["run_id"]:
-                return target
-        except (OSError, ValueError):
-            pass
+    if _cached(target, info, expected):
+        return target
     client = get_client()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
@@ -293,16 +343,21 @@ def materialize_adapter(version: str | int, *, model_name: str | None = None) ->
     try:
         downloaded = Path(client.download_artifacts(info["run_id"], ADAPTER_ARTIFACT_PATH,
                                                     str(tmp)))
+        actual = adapter_digest(downloaded)
+        if actual != expected:
+            raise RegistryError(
+                f"{label}: its '{ADAPTER_ARTIFACT_PATH}/' files in MLflow are not the ones "
+                f"signed at registration (sha256 {actual[:12]}..., signed {expected[:12]}...): "
+                "they were changed since, and nothing was installed. Check who can write to "
+                "MLflow's artifact store; restore the adapter from its training run, or if the "
+                f"change is intended, {_reregister(info)}", **where)
         if not (downloaded / "adapter_config.json").is_file():
             raise RegistryError(
-                f"version {info['version']} of {info['model_name']} has no adapter_config.json "
-                f"in its '{ADAPTER_ARTIFACT_PATH}/' artifact; re-register it from a complete "
-                "training run", model_name=info["model_name"], version=info["version"],
-                run_id=info["run_id"],
-            )
+                f"{label} has no adapter_config.json in its '{ADAPTER_ARTIFACT_PATH}/' "
+                "artifact; re-register it from a complete training run", **where)
         (downloaded / MARKER_FILE).write_text(json.dumps(
             {"model_name": info["model_name"], "version": info["version"],
-             "run_id": info["run_id"]}))
+             "run_id": info["run_id"], "adapter_sha256": expected}))
         if target.exists():
             shutil.rmtree(target)
         try:

