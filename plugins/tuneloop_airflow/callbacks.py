@@ -1,17 +1,20 @@
 """Failure callbacks: one structured log line per failed task (and an optional webhook).
 
-TUNELOOP_ALERT_WEBHOOK is a secret (whoever has the URL can post to the channel): it is never
-logged, only its scheme and host.
+The webhook's URL is TUNELOOP_ALERT_WEBHOOK, read through tasks.core.settings (`alert_webhook`).
+It is a secret (whoever has the URL can post to the channel: Slack, Teams and Discord put the
+credential in its path): no log line shows more of it than its scheme and host, and the callback
+never raises, so neither an alert nor its failure can mask the task's own error.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import urllib.request
 
 log = logging.getLogger("tuneloop.alerts")
+# Seconds a webhook POST may take: a hung chat service must not hold up the failed task.
+WEBHOOK_TIMEOUT_S = 5.0
 
 
 def failure_summary(context: dict) -> dict:
@@ -36,20 +39,45 @@ def _redact(text: str) -> str:
 def on_task_failure(context: dict) -> None:
     """Log the failure; POST it as JSON to TUNELOOP_ALERT_WEBHOOK when that is set."""
     summary = failure_summary(context)
+    url = _webhook_url()
+    if url and summary["error"]:  # a task error quoting the webhook must not leak it either
+        summary["error"] = summary["error"].replace(url, _webhook_origin(url) + "/***")
     log.error("tuneloop task failed: %s", json.dumps(summary, default=str))
-    url = os.environ.get("TUNELOOP_ALERT_WEBHOOK")
-    if not url:
+    if url:
+        _post(url, summary)
+
+
+def _webhook_url() -> str | None:
+    """TUNELOOP_ALERT_WEBHOOK from the settings; None when unset, empty or unreadable."""
+    try:
+        from tasks.core.settings import get_settings
+
+        webhook = get_settings().alert_webhook
+    except Exception as exc:  # alerts must never mask the real failure
+        # The type only: a settings error lists the problems, which the task has logged itself.
+        log.warning("alert webhook not sent: the tuneloop settings did not load (%s); "
+                    "`tuneloop secrets check` lists the problems", type(exc).__name__)
+        return None
+    url = webhook.get_secret_value().strip() if webhook else ""
+    return url or None
+
+
+def _post(url: str, summary: dict) -> None:
+    origin = _webhook_origin(url)
+    if not origin.startswith(("http://", "https://")):
+        log.warning("alert webhook not sent: TUNELOOP_ALERT_WEBHOOK (%s) is not an http(s) "
+                    "URL; set it to the https://... URL your chat tool gives", origin)
         return
     try:
         req = urllib.request.Request(
             url, data=json.dumps(summary, default=str).encode(),
             headers={"Content-Type": "application/json"}, method="POST",
         )
-        urllib.request.urlopen(req, timeout=5).close()
+        urllib.request.urlopen(req, timeout=WEBHOOK_TIMEOUT_S).close()
     except Exception as exc:  # alerts must never mask the real failure
-        # A webhook URL's path is its credential (Slack, Teams, Discord): log the host only,
-        # and the error's type and status, whose text may repeat the URL.
-        log.warning("alert webhook %s failed: %s", _webhook_origin(url), _error_summary(exc))
+        # A webhook URL's path is its credential: log the host only, and the error's type and
+        # status, whose text may repeat the URL.
+        log.warning("alert webhook %s failed: %s", origin, _error_summary(exc))
 
 
 def _webhook_origin(url: str) -> str:
@@ -58,10 +86,13 @@ def _webhook_origin(url: str) -> str:
     return url_origin(url)
 
 
-def _error_summary(exc: Exception) -> str:
+def _error_summary(exc: BaseException) -> str:
+    """`exc`'s type, HTTP status and reason: never its message, which may quote the URL."""
     status = getattr(exc, "code", None) or getattr(exc, "status", None)
     reason = getattr(exc, "reason", None)
     detail = f" {status}" if isinstance(status, int) else ""
     if isinstance(reason, str) and "://" not in reason:
         detail += f" {reason}"
+    elif isinstance(reason, BaseException):  # URLError wraps the socket's error
+        detail += f" ({type(reason).__name__})"
     return f"{type(exc).__name__}{detail}"

@@ -2,7 +2,7 @@
 service, each calling the same stage functions its DAG calls with the same config.
 
     data       migrate, generate, tag, curate, build-reaction-dataset, scrub
-    model      train (+ register), evaluate, shadow-deploy, shadow-compare, adapters
+    model      train (+ register), evaluate, register, shadow-deploy, shadow-compare, adapters
     services   serve-model, serve-router, demo
     security   secrets (init a production .env, add/revoke router clients, check)
 

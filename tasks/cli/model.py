@@ -1,15 +1,18 @@
-"""`tuneloop train | evaluate`: the train_and_register DAG's steps by hand — resolve the dataset,
-prepare, train, collect and register (`train`), then evaluate a registered version
-(`evaluate`)."""
+"""`tuneloop train | evaluate | register`: the train_and_register DAG's steps by hand — resolve
+the dataset, prepare, train, collect and register (`train`), evaluate a registered version
+(`evaluate`), and register (or re-register and so re-sign) one training run's adapter
+(`register`)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from tasks.cli.common import (
+    EXIT_FAILED,
     EXIT_OK,
     EXIT_SKIPPED,
     CommandError,
@@ -32,6 +35,11 @@ BACKENDS = ("local", "docker", "kubernetes")
 # Params of dags/train_and_register.py that shape the Axolotl config (the rest pick the dataset
 # and the backend); tests/unit/test_cli.py holds the defaults equal to the DAG's.
 TRAINING_FLAGS = ("base_model", "num_epochs", "max_steps", "learning_rate", "lora_r")
+# What `tuneloop register --alias` may point at the version ("" = move no alias); the names are
+# tasks.register.registry's CHALLENGER and CHAMPION (a test holds them equal).
+REGISTER_ALIASES = ("challenger", "champion", "")
+# An MLflow run id as MLflow itself validates one (mlflow.utils.validation).
+RUN_ID = re.compile(r"[a-zA-Z0-9][\w-]{0,255}")
 
 
 def check_training_flags(params: Mapping[str, Any], flags: Mapping[str, str]) -> None:
@@ -141,6 +149,31 @@ def _evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _register(args: argparse.Namespace) -> int:
+    if not RUN_ID.fullmatch(args.run_id):
+        raise UsageError(f"RUN_ID {args.run_id!r} is not an MLflow run id; pass the full run id "
+                         "`tuneloop adapters --json` lists (run_id) or the MLflow UI shows")
+    from tasks.core.settings import get_settings
+    from tasks.core.signing import verify_version
+    from tasks.register.registry import RegistryError, get_version_info, register_version
+
+    with refusals(RegistryError):
+        registered = register_version(args.run_id, model_name=args.model_name, alias=args.alias)
+        info = get_version_info(registered["version"], model_name=registered["model_name"])
+    # As `tuneloop adapters` and materialize_adapter check it: the gate is the router's to add.
+    problem = verify_version(get_settings().registry_signing_key, info["tags"],
+                             name=info["model_name"], source=info["source"],
+                             run_id=info["run_id"], require_gate=False)
+    emit({**registered, "signed": problem is None, "signature_problem": problem,
+          "gate_passed": info["tags"].get("gate_passed")})
+    if problem:  # signed, but over lineage tuneloop cannot vouch for: never served
+        log.error("version %s of %s is registered but does not verify: %s; the run lacks the "
+                  "dataset lineage tuneloop signs, so train it again from a gated dataset "
+                  "(`tuneloop train`)", info["version"], info["model_name"], problem)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def _train_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     train = add_command(
         sub, "train", _train, parents=parents,
@@ -189,6 +222,30 @@ def _evaluate_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                           help="reply length per scenario (default 128)")
 
 
+def _register_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    reg = add_command(
+        sub, "register", _register, parents=parents,
+        summary="register a training run's adapter as a signed model version (re-registering "
+                "re-signs it)",
+        examples=["tuneloop register 0a1b2c3d4e5f60718293a4b5c6d7e8f9",
+                  'tuneloop register 0a1b2c3d4e5f60718293a4b5c6d7e8f9 --alias ""   # re-sign, '
+                  "move no alias",
+                  "tuneloop register 0a1b2c3d4e5f60718293a4b5c6d7e8f9 --model-name my-assistant"])
+    reg.epilog += (
+        "\n\nIdempotent: a run already registered keeps its version, whose registration tags "
+        "are re-asserted from the run and signed again. That is how a version registered before "
+        "signing (or one `tuneloop adapters` shows as not signed) becomes servable. `tuneloop "
+        "train` registers by itself; the run ids are in `tuneloop adapters --json`.")
+    reg.add_argument("run_id", metavar="RUN_ID", help="the MLflow run whose adapter/ to register")
+    reg.add_argument("--alias", choices=REGISTER_ALIASES, default="challenger",
+                     metavar="{challenger,champion,\"\"}",
+                     help='alias to point at the version; "" moves none (champion promotes it '
+                          "without a shadow comparison)")
+    reg.add_argument("--model-name", default=None,
+                     help="registered model (default: TUNELOOP_REGISTERED_MODEL_NAME)")
+
+
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     _train_parser(sub, parents)
     _evaluate_parser(sub, parents)
+    _register_parser(sub, parents)

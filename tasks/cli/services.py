@@ -1,9 +1,12 @@
 """`tuneloop migrate | demo | serve-model | serve-router | generate | adapters`: the schema, the
-offline demo, the two long-running services, conversation generation and the registry view."""
+offline demo, the two long-running services, conversation generation and the registry view (with
+whether each version's signature verifies, and how to re-sign one that does not)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +56,65 @@ def _generate(args: argparse.Namespace) -> int:
     return generate(rest, prog="tuneloop generate") or 0
 
 
-def _adapters(args: argparse.Namespace) -> int:
-    from tasks.register.view import main as view
+def with_signatures(rows: Sequence[Mapping[str, Any]], model_name: str | None
+                    ) -> list[dict[str, Any]]:
+    """`rows` (tasks.register.view.list_adapters) each with `signed` (its tuneloop.signature
+    verifies, gate aside: `materialize_adapter`'s check) and `signature_problem` (why not)."""
+    if not rows:
+        return []
+    from tasks.core.settings import get_settings
+    from tasks.core.signing import verify_version
+    from tasks.register.tracking import get_client, registered_model_name
 
-    argv = (["--model-name", args.model_name] if args.model_name else []) + \
-        (["--json"] if args.json else [])
-    return view(argv) or 0
+    name = registered_model_name(model_name)
+    versions = {str(mv.version): mv
+                for mv in get_client().search_model_versions(f"name = '{name}'")}
+    key = get_settings().registry_signing_key
+    annotated = []
+    for row in rows:
+        mv = versions.get(str(row["version"]))
+        problem = ("deleted while listing" if mv is None else
+                   verify_version(key, dict(mv.tags or {}), name=name, source=mv.source,
+                                  run_id=mv.run_id, require_gate=False))
+        annotated.append({**row, "signed": problem is None, "signature_problem": problem})
+    return annotated
+
+
+def _resign_hint(row: Mapping[str, Any]) -> str:
+    if row.get("is_base"):
+        return ("a base version cannot be re-registered; point the alias at a base version "
+                "tuneloop signed")
+    if not row.get("run_id"):
+        return "it has no MLflow run, so it cannot be re-registered"
+    return f'if it is yours, re-sign it: tuneloop register {row["run_id"]} --alias ""'
+
+
+def signed_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The registry table with a `signed` column, then why each unsigned version is not signed
+    and the command that re-signs it."""
+    from tasks.register.view import format_adapter_table
+
+    table = format_adapter_table(rows)
+    if not rows:
+        return table
+    lines = table.splitlines()  # header, dashes, one line per row
+    width = max(len(line) for line in lines)
+    cells = ["signed", "------", *("yes" if row["signed"] else "NO" for row in rows)]
+    out = [f"{line.ljust(width)}  {cell}" for line, cell in zip(lines, cells, strict=True)]
+    unsigned = [row for row in rows if not row["signed"]]
+    if unsigned:  # the router serves none of these
+        out += ["", f"{len(unsigned)} version(s) not signed; the router serves none of them:"]
+        out += [f"  version {row['version']}: {row['signature_problem']}; {_resign_hint(row)}"
+                for row in unsigned]
+    return "\n".join(out)
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    from tasks.register.view import list_adapters
+
+    rows = with_signatures(list_adapters(args.model_name), args.model_name)
+    print(json.dumps(rows, indent=2) if args.json else signed_table(rows))
+    return 0
 
 
 def register_first(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -80,8 +136,11 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     from tasks.core.settings import DEFAULT_MODEL_SERVER_PORT, DEFAULT_ROUTER_PORT
 
     adapters = add_command(sub, "adapters", _adapters, parents=parents,
-                           summary="list registered adapter versions side by side",
+                           summary="list registered adapter versions side by side, and "
+                                   "whether each one's signature verifies",
                            examples=["tuneloop adapters", "tuneloop adapters --json"])
+    adapters.epilog += ('\n\nA version that is not signed is never served; `tuneloop register '
+                        '<run_id> --alias ""` re-signs a version of yours.')
     adapters.add_argument("--model-name", default=None,
                           help="registered model (default: TUNELOOP_REGISTERED_MODEL_NAME)")
     adapters.add_argument("--json", action="store_true", help="print rows as JSON")

@@ -226,6 +226,8 @@ class Settings(BaseSettings):
     # A spaCy model (installed package name or model folder) whose NER adds PERSON names to
     # de-identification; unset = the offline recognizers alone (tasks.datasets.deid.detect).
     deid_spacy_model: str | None = None
+    # Failed DAG tasks are POSTed here as JSON; its path is a credential (Slack, Teams).
+    alert_webhook: SecretStr | None = None
     registered_model_name: str = "tuneloop-assistant"
     trainer_backend: Literal["local", "docker", "kubernetes"] = "local"
     trainer_image: str = "tuneloop-trainer:latest"

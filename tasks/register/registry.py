@@ -293,7 +293,7 @@ def _reregister(info: Mapping[str, Any]) -> str:
     if info["is_base"]:
         return ("point the alias at a base version tuneloop signed (ensure_champion registers "
                 "one when champion is unset)")
-    return f"re-register its run: register_version({info['run_id']!r}, alias=\"\")"
+    return f"re-register its run: tuneloop register {info['run_id']} --alias \"\""
 
 
 def _cached(target: Path, info: Mapping[str, Any], expected_digest: str) -> bool:

@@ -17,8 +17,8 @@ from tasks.cli.common import params_of
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ["migrate", "generate", "tag", "curate", "build-reaction-dataset", "forget",
-            "retention", "scrub", "train", "evaluate", "shadow-deploy", "shadow-compare",
-            "adapters", "serve-model", "serve-router", "demo", "secrets"]
+            "retention", "scrub", "train", "evaluate", "register", "shadow-deploy",
+            "shadow-compare", "adapters", "serve-model", "serve-router", "demo", "secrets"]
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:

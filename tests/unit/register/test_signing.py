@@ -349,7 +349,7 @@ def test_an_adapter_file_overwritten_after_registration_is_never_installed(
     message = str(caught.value)
     assert f"version {version} of {model_name}" in message
     assert "not the ones signed at registration" in message
-    assert f"register_version({adapter_run!r}, alias=\"\")" in message
+    assert f"tuneloop register {adapter_run} --alias \"\"" in message
     assert caught.value.version == version and caught.value.run_id == adapter_run
     after = set(_adapters_dir(store).glob("*"))
     assert after == before  # no adapter folder, no leftover temp folder
@@ -369,7 +369,7 @@ def test_a_version_signed_before_adapter_digests_says_to_re_register(adapter_run
         source=old.source, run_id=old.run_id))
     assert servable(version, model_name) is None  # the router still serves it
     with pytest.raises(RegistryError, match=f"has no {TAG_ADAPTER_SHA256} tag.*"
-                                            rf"register_version\({adapter_run!r}, alias=\"\"\)"):
+                                            f"tuneloop register {adapter_run} --alias \"\""):
         materialize_adapter(version, model_name=model_name)
     register_version(adapter_run, model_name=model_name, alias="")
     assert materialize_adapter(version, model_name=model_name) is not None
