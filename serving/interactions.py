@@ -140,8 +140,13 @@ class InteractionLog:
         self._outage_since: float | None = None
         self._replay_rest: Batch | None = None  # what is left of a half-replayed spool line
         self._drop_logged_at = -1e9
-        self.written = 0  # interaction rows
+        # Rows the database took, and rows it already held (a spool replay, a late duplicate):
+        # counted from what each committed insert reports, not from what was sent.
+        self.written = 0  # interaction rows inserted
+        self.duplicates = 0  # interaction rows refused: the id is stored already
         self.reactions_written = 0
+        self.reactions_duplicates = 0  # the id stored already, or repeated in the batch
+        self.reactions_erased = 0  # left out: their interaction is erased
         self.dropped = 0  # rows of either kind: queue full, spool full or unusable
         self.failed = 0  # rows of either kind PostgreSQL rejected
         self.batches = 0
@@ -219,9 +224,15 @@ class InteractionLog:
             self._thread is None or self._spool_ready.is_set())
 
     def stats(self) -> dict[str, Any]:
+        """The writer's counters. A settled interaction row ends up in one of written (inserted),
+        duplicates (its id was stored already), dropped or failed; a reaction in one of
+        reactions_written, reactions_duplicates, reactions_erased, dropped or failed."""
         spool = self._spool
-        return {"written": self.written, "reactions_written": self.reactions_written,
-                "dropped": self.dropped, "failed": self.failed, "batches": self.batches,
+        return {"written": self.written, "duplicates": self.duplicates,
+                "reactions_written": self.reactions_written,
+                "reactions_duplicates": self.reactions_duplicates,
+                "reactions_erased": self.reactions_erased, "dropped": self.dropped,
+                "failed": self.failed, "batches": self.batches,
                 "queued": self._queue.qsize(),
                 "spooled_rows": spool.rows if spool else 0,
                 "spooled_bytes": spool.bytes if spool else 0,
@@ -461,7 +472,9 @@ class InteractionLog:
             return None
         if kind == _REACTION:
             # The first reaction with an id is the one that counts (as in the reactions API).
-            rows = list({row["id"]: row for row in reversed(rows)}.values())[::-1]
+            unique = list({row["id"]: row for row in reversed(rows)}.values())[::-1]
+            self.reactions_duplicates += len(rows) - len(unique)
+            rows = unique
         try:
             self._insert(kind, rows)
             return None
@@ -492,18 +505,27 @@ class InteractionLog:
 
         try:
             with self.engine.begin() as conn:
-                conn.execute(self._statement(kind), {"rows": batch_json(rows)})
+                result = conn.execute(self._statement(kind), {"rows": batch_json(rows)})
+                # Interactions: the INSERT's row count is the rows inserted (a conflict inserts
+                # nothing); reactions: the statement answers (inserted, erased) itself.
+                inserted, erased = ((result.rowcount, 0) if kind == _INTERACTION
+                                    else tuple(result.one()))
         except (OperationalError, InterfaceError, DisconnectionError, PoolTimeout) as exc:
             raise _Unavailable(str(exc).splitlines()[0]) from exc
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 raise _Unavailable(str(exc).splitlines()[0]) from exc
             raise
+        # Counted once committed; a commit whose answer was lost is replayed from the spool, and
+        # its rows come back as duplicates.
         self.batches += 1
         if kind == _INTERACTION:
-            self.written += len(rows)
+            self.written += inserted
+            self.duplicates += len(rows) - inserted
         else:
-            self.reactions_written += len(rows)
+            self.reactions_written += inserted
+            self.reactions_erased += erased
+            self.reactions_duplicates += len(rows) - inserted - erased
 
     def _fail(self, kind: str, row: dict[str, Any], error: Exception) -> None:
         with self._cond:
@@ -516,7 +538,9 @@ class InteractionLog:
         is submitted once (random ids), so a conflict is a replay or a late duplicate and the
         stored row stands — also when `forget` or retention has wiped its text since. An
         interaction of a user erased after it was made (a LEFT JOIN on `user_erasures`) goes in
-        wiped with `erased_at` set; a reaction to an erased interaction is left out.
+        wiped with `erased_at` set; a reaction to an erased interaction is left out. The
+        reactions statement answers one row (inserted, erased): the rows it inserted and those
+        it left out for an erased interaction; the rest conflicted.
 
         The whole batch travels as one JSON document (one C-speed json.dumps here, parsed by
         PostgreSQL) in one constant statement, where the generic `upsert` helper compiles a new
@@ -538,11 +562,16 @@ class InteractionLog:
                 sql = (f"INSERT INTO interactions ({columns}, erased_at) "
                        f"SELECT {values}, CASE WHEN e.user_hash IS NOT NULL THEN now() END "
                        f"FROM {rows} LEFT JOIN user_erasures AS e "
-                       "ON e.user_hash = u.user_hash AND u.created_at < e.requested_at ")
+                       "ON e.user_hash = u.user_hash AND u.created_at < e.requested_at "
+                       "ON CONFLICT (id) DO NOTHING")
             else:
-                sql = (f"INSERT INTO reactions ({columns}) SELECT {columns} FROM {rows} "
-                       "WHERE NOT EXISTS (SELECT 1 FROM interactions AS i "
-                       "WHERE i.id = u.interaction_id AND i.erased_at IS NOT NULL) ")
-            statement = text(sql + "ON CONFLICT (id) DO NOTHING")
+                erased = ("EXISTS (SELECT 1 FROM interactions AS i "
+                          "WHERE i.id = u.interaction_id AND i.erased_at IS NOT NULL)")
+                sql = (f"WITH u AS (SELECT * FROM {rows}), stored AS ("
+                       f"INSERT INTO reactions ({columns}) SELECT {columns} FROM u "
+                       f"WHERE NOT {erased} ON CONFLICT (id) DO NOTHING RETURNING 1) "
+                       "SELECT (SELECT count(*) FROM stored) AS inserted, "
+                       f"(SELECT count(*) FROM u WHERE {erased}) AS erased")
+            statement = text(sql)
             self._statements[kind] = statement
         return statement

@@ -78,6 +78,12 @@ SELECT c.id AS champion_id, m.id AS mirror_id, c.request_messages AS messages,
 FROM interactions m JOIN interactions c ON c.id = m.mirror_of
 WHERE m.deployment_id = :deployment_id AND m.variant = 'mirror'
   AND m.status = 'ok' AND c.status = 'ok' AND m.response <> '' AND c.response <> ''
+  AND m.erased_at IS NULL AND c.erased_at IS NULL
+  AND m.text_purged_at IS NULL AND c.text_purged_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM user_erasures e
+                  WHERE e.user_hash = c.user_hash AND c.created_at < e.requested_at)
+  AND NOT EXISTS (SELECT 1 FROM user_erasures e
+                  WHERE e.user_hash = m.user_hash AND m.created_at < e.requested_at)
 ORDER BY md5(c.id) COLLATE "C", c.id
 LIMIT :limit
 """
@@ -87,6 +93,10 @@ LIMIT :limit
 # traffic: a newly mirrored pair whose hash sorts into the first `max_judge_pairs` joins it.
 # The context comes along only for the names under its name fields: the judge sees each pair
 # de-identified (`tasks.shadow.pairwise.deid_pair`).
+# Never a pair with text of an erased user or past retention (issue #15): the timestamps decide,
+# not whether the text looks wiped, and, as in the reaction-dataset build
+# (`tasks.signals.labels`), a row an erased user sent before the erasure was requested is left
+# out even where `erased_at` is not set on it (written late, by another path).
 
 
 def variant_metrics(counts: dict[str, Any], confidence: float = 0.95) -> dict[str, Any]:

@@ -251,6 +251,9 @@ class Interaction(Base):
               postgresql_where=text("request_id IS NOT NULL")),
         # 0009: "did the router serve this assistant turn to this user?" (forged history).
         Index("ix_interactions_user_response", "user_hash", "response_md5"),
+        # 0010: the rows `tuneloop retention` has yet to wipe (its predicate, no filter left).
+        Index("ix_interactions_retention_pending", "created_at",
+              postgresql_where=text("text_purged_at IS NULL AND erased_at IS NULL")),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -300,6 +300,55 @@ def test_a_row_postgres_rejects_fails_alone_and_is_not_spooled(make_log, engine)
     assert stats["spooled_total"] == 0 and stats["outages"] == 0
 
 
+def counts(writer: InteractionLog, *keys: str) -> tuple[int, ...]:
+    stats = writer.stats()
+    return tuple(stats[key] for key in keys)
+
+
+def test_a_row_submitted_twice_is_written_once_and_counted_as_a_duplicate(make_log, engine):
+    writer = make_log(engine=engine)
+    row, other = a_row(), a_row()
+    writer.submit(row)
+    assert writer.flush(10), writer.stats()
+    writer.submit(dict(row, response="a late copy"))  # the stored row stands
+    writer.submit(other)
+    assert writer.flush(10), writer.stats()
+    assert counts(writer, "written", "duplicates", "failed", "dropped") == (2, 1, 0, 0)
+    assert stored_interactions(engine, [row["id"]])[row["id"]].response == "hello"
+
+
+def test_a_replayed_spool_line_already_in_the_database_counts_as_duplicates(make_log, engine,
+                                                                           tmp_path):
+    stored, new = a_row(), a_row()
+    first = make_log(engine=engine, spool_dir=tmp_path / "first")
+    first.submit(stored)
+    assert first.flush(10) and first.written == 1
+    left = Spool(tmp_path / "spool", 10 * 1024 * 1024).open()  # its commit's answer was lost
+    assert left.append(Batch(interactions=[stored, new]))
+    left.close()
+    writer = make_log(engine=engine)
+    assert writer.flush(10), writer.stats()
+    assert counts(writer, "written", "duplicates", "replayed") == (1, 1, 2)
+
+
+def test_reactions_count_inserted_duplicate_and_erased_rows_apart(make_log, engine):
+    writer = make_log(engine=engine)
+    alice, bob = a_row(user_hash=a_user()), a_row(user_hash=a_user())
+    writer.submit(alice)
+    writer.submit(bob)
+    assert writer.flush(10), writer.stats()
+    forget_user_hash(alice["user_hash"], engine=engine)
+    reaction = a_reaction(bob["id"])
+    writer.submit_reaction(reaction)
+    assert writer.flush(10), writer.stats()
+    writer.submit_reaction(reaction)  # a retry of the same reaction, in a later batch
+    writer.submit_reaction(a_reaction(alice["id"]))  # to an erased interaction: left out
+    assert writer.flush(10), writer.stats()
+    assert counts(writer, "reactions_written", "reactions_duplicates", "reactions_erased",
+                  "failed") == (1, 1, 1, 0)
+    assert list(stored_reactions(engine, [reaction["id"]])) == [reaction["id"]]
+
+
 def test_a_row_that_cannot_be_encoded_fails_alone_during_an_outage(make_log, proxy, engine):
     writer = make_log()
     proxy.down()

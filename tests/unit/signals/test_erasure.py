@@ -10,10 +10,10 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 
 from tasks.cli import main
-from tasks.core.db.engine import session_scope
+from tasks.core.db.engine import downgrade, migrate, session_scope
 from tasks.core.db.models import DatasetItem, Interaction, Reaction, UserErasure
 from tasks.core.settings import get_settings
 from tasks.signals.erasure import (
@@ -219,11 +219,34 @@ def test_a_retention_rerun_selects_by_timestamps_and_reads_no_text(fresh_engine)
         conn.exec_driver_sql("SET enable_seqscan = off")  # four rows: show the plan at scale
         plan = "\n".join(row[0] for row in conn.exec_driver_sql(
             f"EXPLAIN (COSTS OFF) {statement}", parameters))
-    # The age range on the created_at index, then two IS NULL checks: no wiped text compared.
-    assert "ix_interactions_created" in plan and "Index Cond: (created_at <" in plan, plan
+    # The age range on the partial index of the rows still to purge (PostgreSQL only uses it
+    # when the query's predicate implies the index's), so purged and erased rows are never
+    # walked; the IS NULL filter is the row-lock recheck PostgreSQL keeps for FOR UPDATE.
+    assert "Index Scan using ix_interactions_retention_pending" in plan, plan
+    assert "Index Cond: (created_at <" in plan, plan
     assert "Filter: ((text_purged_at IS NULL) AND (erased_at IS NULL))" in plan, plan
     assert not any(column in plan for column in ("response", "request_messages", "context",
                                                  "error")), plan
+
+
+def test_the_retention_index_holds_the_purge_predicate_in_model_and_migration(fresh_engine):
+    def definition() -> str | None:
+        with fresh_engine.connect() as conn:
+            return conn.scalar(text("SELECT indexdef FROM pg_indexes WHERE indexname = "
+                                    "'ix_interactions_retention_pending'"))
+
+    assert definition() == (
+        "CREATE INDEX ix_interactions_retention_pending ON public.interactions USING btree "
+        "(created_at) WHERE ((text_purged_at IS NULL) AND (erased_at IS NULL))")
+    declared = {index.name: index for index in Interaction.__table__.indexes}
+    index = declared["ix_interactions_retention_pending"]
+    assert [column.name for column in index.columns] == ["created_at"]
+    assert str(index.dialect_options["postgresql"]["where"]) == (
+        "text_purged_at IS NULL AND erased_at IS NULL")
+    downgrade(fresh_engine, "0009")
+    assert definition() is None
+    migrate(fresh_engine)
+    assert definition() is not None
 
 
 def test_purged_interactions_are_never_signals(fresh_engine):
