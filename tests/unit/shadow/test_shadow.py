@@ -562,13 +562,15 @@ def test_router_follows_the_registry_aliases_through_a_promotion(
                     "model": "tuneloop", "user": user,
                     "messages": [{"role": "user", "content": "hi"}]})
                 assert response.status_code == 200, response.text
-                # The router tells no client its variant: the stored interaction has it.
+                # The router tells no client its variant, version or backend model (the
+                # answer names the public model): the stored interaction has them.
+                assert response.json()["model"] == "tuneloop"
+                assert "x-tuneloop-model-version" not in response.headers
                 interaction_id = response.headers["x-interaction-id"]
                 assert server.app.state.router.log.wait_written(interaction_id, 10)
                 with session_scope(shadow_engine) as session:
-                    variant = session.get(Interaction, interaction_id).variant
-                return (variant, response.headers["x-tuneloop-model-version"],
-                        response.json()["model"])
+                    row = session.get(Interaction, interaction_id)
+                    return row.variant, row.model_version, row.model_name
 
             assert served("a") == ("challenger", "2", f"{model_name}-v2")
             state = client.get("/router/state",
