@@ -150,10 +150,12 @@ def record_reaction(engine: Any, reaction: ReactionIn, idempotency_key: str | No
     with session_scope(engine) as session:
         found = session.execute(
             select(Interaction.client_id, Interaction.user_hash, Interaction.created_at,
-                   Interaction.variant, Interaction.context)
+                   Interaction.variant, Interaction.context, Interaction.erased_at)
             .where(Interaction.id == reaction.interaction_id)
         ).first()
-        facts = None if found is None else InteractionFacts.of(
+        # An erased user's interaction takes no reaction: the same 404 as any "not yours"
+        # (`tuneloop forget` deleted their reactions; none may come back after it).
+        facts = None if found is None or found.erased_at is not None else InteractionFacts.of(
             client_id=found.client_id, user_hash=found.user_hash, created_at=found.created_at,
             variant=found.variant, context=found.context or {})
         check_reaction(facts, reaction.interaction_id, reactor, window_s=window_s,

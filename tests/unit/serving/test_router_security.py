@@ -726,6 +726,21 @@ def test_an_anonymous_interaction_takes_a_reaction_from_its_client_only(serve):
     assert react(running.web, interaction_id, user=None).status_code == 201
 
 
+def test_an_erased_users_interaction_takes_no_reaction(serve, security_engine):
+    from tasks.signals.erasure import forget_user
+
+    running = serve()
+    interaction_id = answered(running, running.web, user="erin")
+    assert react(running.web, interaction_id, user="erin").status_code == 201
+    assert forget_user("erin", engine=security_engine, salt=SALT)["reactions_deleted"] == 1
+    response = react(running.web, interaction_id, user="erin", idempotency_key="after")
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "interaction_not_found"
+    with session_scope(security_engine) as session:
+        assert session.execute(select(Reaction).where(
+            Reaction.interaction_id == interaction_id)).first() is None
+
+
 def test_a_reaction_outside_the_window_is_refused(serve):
     running = serve(reaction_window_s=0.5)
     interaction_id = answered(running, running.web)
