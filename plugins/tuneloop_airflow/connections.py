@@ -88,6 +88,23 @@ def connection_env() -> dict[str, str]:
     return env
 
 
+def postgres_url(conn_id: str) -> str:
+    """The SQLAlchemy URL of the Airflow Connection `conn_id` (type postgres), for a task that
+    reads another database (the import_reactions DAG's `source_conn_id`). Never logged: it
+    holds the password."""
+    conn = _get_connection(conn_id)
+    if conn is None:
+        raise ValueError(f"Airflow Connection {conn_id!r} is not defined; add it (type "
+                         "postgres) under Admin → Connections, or leave source_conn_id empty "
+                         "to query tuneloop's own database")
+    uri = conn.get_uri()
+    scheme, sep, rest = uri.partition("://")
+    if scheme not in ("postgres", "postgresql") and not scheme.startswith("postgresql+"):
+        raise ValueError(f"Airflow Connection {conn_id!r} is of type {conn.conn_type!r}, not "
+                         "postgres; the sql source reads PostgreSQL only")
+    return "postgresql" + sep + rest if scheme == "postgres" else uri
+
+
 def apply_connections(environ: MutableMapping[str, str] = os.environ) -> list[str]:
     """Export connection-derived settings into `environ` (this task process's environment).
 

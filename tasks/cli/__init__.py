@@ -1,7 +1,8 @@
 """`tuneloop <command>` (also `python -m tasks.cli`): one command line, a subcommand per stage and
 service, each calling the same stage functions its DAG calls with the same config.
 
-    data       migrate, generate, tag, curate, build-reaction-dataset, scrub
+    data       migrate, generate, tag, curate, import-reactions, build-reaction-dataset,
+               forget, retention, scrub
     model      train (+ register), evaluate, register, shadow-deploy, shadow-compare, adapters
     services   serve-model, serve-router, demo
     security   secrets (init a production .env, add/revoke router clients, check)

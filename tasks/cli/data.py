@@ -1,5 +1,6 @@
-"""`tuneloop tag | curate | build-reaction-dataset` (and `scrub`, tasks.cli.scrub): the data stages, with their DAGs' Params as
-flags (same names, same defaults) and the same config classes (`from_params`) the DAGs build;
+"""`tuneloop tag | curate | import-reactions | build-reaction-dataset` (and `scrub`,
+tasks.cli.scrub): the data stages, with their DAGs' Params as flags (same names, same defaults)
+and the same config classes (`from_params`) the DAGs build;
 `tuneloop forget | retention`: erasure of one end user and the retention purge
 (tasks.signals.erasure; the nightly_refresh DAG runs the purge when TUNELOOP_RETENTION_DAYS is
 set)."""
@@ -14,12 +15,14 @@ from tasks.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_SKIPPED,
+    CommandError,
     UsageError,
     add_command,
     build_config,
     csv_list,
     emit,
     flag,
+    one_line,
     params_of,
     positive_int,
     refusals,
@@ -87,6 +90,30 @@ def _build_reaction_dataset(args: argparse.Namespace) -> int:
         log.error("gate failed for dataset %s: %s", result.get("dataset_id"),
                   ", ".join(result.get("failed_expectations") or []))
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def _import_reactions(args: argparse.Namespace) -> int:
+    from tasks.signals.import_config import ImportConfig
+
+    cfg = build_config(ImportConfig.from_params, params_of(args), args.flags, "import")
+    from tqdm import tqdm
+
+    from tasks.signals.importing import ImportRejected, ImportSourceError, import_reactions
+
+    with tqdm(desc="import", unit="row", disable=None) as bar:
+        def progress(rows: int) -> None:
+            bar.n = rows
+            bar.refresh()
+
+        try:
+            result = import_reactions(cfg, progress=progress)
+        except ImportRejected as exc:  # the report (bad rows by line/key) still goes to stdout
+            emit(exc.summary)
+            raise CommandError(one_line(str(exc))) from exc
+        except ImportSourceError as exc:
+            raise CommandError(one_line(str(exc))) from exc
+    emit(result)
     return EXIT_OK
 
 
@@ -172,6 +199,40 @@ def _curate_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
               "typed ones (<PERSON>)")
 
 
+def _import_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    imp = add_command(
+        sub, "import-reactions", _import_reactions, parents=parents,
+        mirrors="the import_reactions DAG",
+        summary="import a reaction log (CSV, JSONL or a SQL query) through a mapping file as "
+                "de-identified interactions + reactions the reaction dataset uses",
+        examples=["tuneloop import-reactions --mapping tip_scores --file tip_scores.csv",
+                  "tuneloop import-reactions --mapping tip_scores --file tips.jsonl "
+                  "--allow-bad 10",
+                  "tuneloop import-reactions --mapping my_mapping.yaml --sql \"SELECT * FROM "
+                  "tip_scores\" --source-url postgresql://reader@app-db:5432/app",
+                  "tuneloop import-reactions --mapping tip_scores --file tips.csv --dry-run"])
+    imp.epilog += (
+        "\n\nThe mapping (include/mappings/<name>.yaml or a path) names the source columns of "
+        "user, prompt, response, action, dwell and timestamp. User ids are hashed with "
+        "TUNELOOP_USER_HASH_SALT (so `tuneloop forget --user ID` covers them) and texts are "
+        "scrubbed before they are stored. Importing the same log again adds nothing. Any bad "
+        "row fails the run and writes nothing, unless --allow-bad N lets up to N be skipped; "
+        "the summary lists them by line (files) or row and key (SQL). Put a database password "
+        "in PGPASSWORD or ~/.pgpass rather than in --source-url.")
+    flag(imp, "--mapping", default="",
+         help="a shipped mapping's name (tip_scores) or a mapping YAML file")
+    flag(imp, "--file", default="", help="the CSV or JSONL log to import")
+    flag(imp, "--format", choices=("auto", "csv", "jsonl"), default="auto",
+         help="the file's format (auto: from its suffix)")
+    flag(imp, "--sql", default="", help="a read-only query whose rows are the log")
+    flag(imp, "--source-url", default="", metavar="URL",
+         help="the PostgreSQL database --sql runs on (default: tuneloop's own, DATABASE_URL)")
+    flag(imp, "--allow-bad", "max_bad_rows", type=int, default=0, metavar="N",
+         help="skip and report up to N bad rows instead of failing")
+    flag(imp, "--dry-run", action=argparse.BooleanOptionalAction, default=False,
+         help="parse, de-identify and count, then roll back")
+
+
 def _signals_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     build = add_command(
         sub, "build-reaction-dataset", _build_reaction_dataset, parents=parents,
@@ -225,6 +286,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
     _tag_parser(sub, parents)
     _curate_parser(sub, parents)
+    _import_parser(sub, parents)
     _signals_parser(sub, parents)
     _erasure_parser(sub, parents)
     scrub.register(sub, parents)

@@ -1,6 +1,7 @@
 """Labelling reaction signals (`tasks.signals.stage` builds the datasets from the labels).
 
-Which interactions are signals at all (served to the user, not erased or purged), their
+Which interactions are signals at all (served to the user — by the router, or in an operator's
+imported log marked as such —, not erased or purged), their
 positive/negative label from the reaction windows, and the two screens applied before any text is
 read: the served-history check (no forged assistant turns) and the per-user cap. The rules are in
 the `tasks.signals.stage` module docstring.
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sqlalchemy import bindparam, case, func, or_, select, text
+from sqlalchemy import and_, bindparam, case, func, null, or_, select, text
 from sqlalchemy.orm import Session
 
 from tasks.core.db.models import Dataset, DatasetItem, Interaction, Reaction, UserErasure
@@ -28,6 +29,14 @@ SERVED_VARIANTS = ("champion", "challenger")
 # claims to be the router's answer and must match one it served.
 CLIENT_ROLES = ("system", "developer", "user", "tool", "function")
 QUERY_CHUNK = 5000  # ids per IN (...) statement
+# An operator-imported log (`tuneloop import-reactions`, tasks.signals.importing) is a trusted
+# source of shown answers too, but only a row marked as imported three ways counts: the variant,
+# context {"source": "import"} and a client id "import:<source>". The router writes none of them
+# (its variants are champion/challenger/mirror, its context has no "source" key, and a client
+# name cannot hold ":"), so no client can pass its own text off as imported.
+IMPORTED_VARIANT = "imported"
+IMPORT_SOURCE = "import"
+IMPORT_CLIENT_PREFIX = "import:"
 
 
 def classify_reaction(reaction: str, dwell_ms: int, cfg: SignalConfig) -> Label | None:
@@ -77,18 +86,28 @@ def _dataset_interactions(session: Session, dataset_id: str) -> set[str]:
     return set(session.scalars(stmt))
 
 
+def imported_row():
+    """The SQL test for an interaction marked as imported from an operator's log (all three
+    marks; a NULL anywhere is no mark)."""
+    return and_(Interaction.variant == IMPORTED_VARIANT,
+                Interaction.context["source"].astext == IMPORT_SOURCE,
+                Interaction.client_id.startswith(IMPORT_CLIENT_PREFIX, autoescape=True))
+
+
 def _exclusion():
     """Why an interaction is never a signal (NULL: it may be one), as a SQL expression over
-    interactions LEFT JOIN user_erasures."""
+    interactions LEFT JOIN user_erasures. Served is shown positively (fail-closed: a test that
+    is NULL falls through to "not_served")."""
     return case(
         # Erased, or sent by an erased user before the erasure was requested (a row written
         # late, e.g. replayed from the router's outage spool, still belongs to the erasure).
         (or_(Interaction.erased_at.is_not(None),
              Interaction.created_at < UserErasure.requested_at), "erased"),
         (Interaction.text_purged_at.is_not(None), "text_purged"),
-        (or_(Interaction.variant.not_in(SERVED_VARIANTS), Interaction.status != "ok"),
-         "not_served"),
-        else_=None)
+        (Interaction.status != "ok", "not_served"),
+        (Interaction.variant.in_(SERVED_VARIANTS), null()),
+        (imported_row(), null()),
+        else_="not_served")
 
 
 def label_interactions(session: Session, cfg: SignalConfig,

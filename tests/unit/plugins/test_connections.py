@@ -153,3 +153,23 @@ def test_a_failing_connection_lookup_fails_instead_of_using_the_environment(monk
     monkeypatch.setattr(BaseHook, "get_connection", staticmethod(denied))
     with pytest.raises(AirflowSecretsBackendAccessDenied):
         apply_connections({})
+
+
+# ---- another database for a task (import_reactions' source_conn_id) ---------------------------
+def test_a_postgres_connection_becomes_a_sqlalchemy_url(monkeypatch):
+    from tuneloop_airflow.connections import postgres_url
+
+    monkeypatch.setenv("AIRFLOW_CONN_APP_DB", "postgres://reader:app-s3cret@app-db:5432/app")
+    assert postgres_url("app_db") == "postgresql://reader:app-s3cret@app-db:5432/app"
+
+
+def test_an_undefined_or_non_postgres_connection_names_the_fix(monkeypatch):
+    from tuneloop_airflow.connections import postgres_url
+
+    monkeypatch.delenv("AIRFLOW_CONN_NO_SUCH_DB", raising=False)
+    with pytest.raises(ValueError, match="'no_such_db' is not defined; add it"):
+        postgres_url("no_such_db")
+    monkeypatch.setenv("AIRFLOW_CONN_APP_HTTP", _http_connection("http://app", "k-s3cret"))
+    with pytest.raises(ValueError, match="not postgres") as exc:
+        postgres_url("app_http")
+    assert "k-s3cret" not in str(exc.value)
