@@ -279,12 +279,19 @@ def _where(row: SourceRow, cfg: ImportConfig, mapping: ReactionMapping,
     return {"row": row.number, "key": key}
 
 
-def _rejection(report: ImportReport, cfg: ImportConfig) -> ImportRejected:
-    summary = report.summary(imported=False)
+def _log_bad_rows(report: ImportReport, what: str) -> None:
     # Where and why: a reason quotes at most 60 characters of a dwell, timestamp or action
     # value, never a prompt, an answer or a user id.
     for bad in report.bad_rows[:20]:
-        log.warning("bad row %s", canonical_json(bad))
+        log.warning("%s bad row %s", what, canonical_json(bad))
+    if report.bad > 20:
+        log.warning("... and %d more bad rows (the summary lists up to %d)", report.bad - 20,
+                    MAX_LISTED_BAD_ROWS)
+
+
+def _rejection(report: ImportReport, cfg: ImportConfig) -> ImportRejected:
+    summary = report.summary(imported=False)
+    _log_bad_rows(report, "rejected:")
     shown = "; ".join(
         f"{'line ' + str(b['line']) if 'line' in b else 'row ' + str(b['row'])}: {b['reason']}"
         for b in report.bad_rows[:3])
@@ -364,6 +371,7 @@ def import_reactions(cfg: ImportConfig, *, engine: Engine | None = None, salt: s
     if progress is not None:
         progress(report.rows)
     summary = report.summary(imported=not cfg.dry_run)
+    _log_bad_rows(report, "skipped")
     log.info("import %s (%s): %d rows, %d filtered, %d bad, %d new interactions, %d new "
              "reactions, %d already imported%s", mapping.name, cfg.source_format, report.rows,
              report.filtered, report.bad, report.interactions_inserted,
