@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serving.router_config import VARIANTS, RouterConfig, Variant
-from serving.router_config import default_state_path as default_state_path  # re-exported
 from tasks.core.ids import hash_user as hash_user  # re-exported: the router hashes with it
 from tasks.core.signing import TAG_IS_BASE, verify_version
 

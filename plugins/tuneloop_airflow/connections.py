@@ -62,6 +62,13 @@ def _http_base_url(conn, default_path: str = "/v1") -> str | None:
     return base if not path or base.endswith(path) else base + path
 
 
+def _sqlalchemy_url(conn) -> str:
+    """A Connection's URI as SQLAlchemy takes it: Airflow writes postgres://, SQLAlchemy 2
+    knows only postgresql://."""
+    uri = conn.get_uri()
+    return "postgresql://" + uri[len("postgres://"):] if uri.startswith("postgres://") else uri
+
+
 def connection_env() -> dict[str, str]:
     """Environment variables derived from the tuneloop Airflow connections that exist."""
     env: dict[str, str] = {}
@@ -81,7 +88,7 @@ def connection_env() -> dict[str, str]:
             env[f"{prefix}_MODEL"] = str(model)
     db = _get_connection("tuneloop_db")
     if db is not None:
-        env["DATABASE_URL"] = db.get_uri().replace("postgres://", "postgresql://", 1)
+        env["DATABASE_URL"] = _sqlalchemy_url(db)
     ml = _get_connection("tuneloop_mlflow")
     if ml is not None:
         env["MLFLOW_TRACKING_URI"] = _http_base_url(ml, default_path="") or ml.get_uri()
@@ -97,12 +104,12 @@ def postgres_url(conn_id: str) -> str:
         raise ValueError(f"Airflow Connection {conn_id!r} is not defined; add it (type "
                          "postgres) under Admin → Connections, or leave source_conn_id empty "
                          "to query tuneloop's own database")
-    uri = conn.get_uri()
-    scheme, sep, rest = uri.partition("://")
-    if scheme not in ("postgres", "postgresql") and not scheme.startswith("postgresql+"):
+    url = _sqlalchemy_url(conn)
+    scheme = url.partition("://")[0]
+    if scheme != "postgresql" and not scheme.startswith("postgresql+"):
         raise ValueError(f"Airflow Connection {conn_id!r} is of type {conn.conn_type!r}, not "
                          "postgres; the sql source reads PostgreSQL only")
-    return "postgresql" + sep + rest if scheme == "postgres" else uri
+    return url
 
 
 def apply_connections(environ: MutableMapping[str, str] = os.environ) -> list[str]:

@@ -20,20 +20,8 @@ POSITIVE_TIP = "<PERSON>, try a 25-minute focus block before email."
 
 
 @pytest.fixture()
-def import_db(airflow_db, make_database, monkeypatch, tmp_path):
-    from tasks.core.db.engine import engine_for, migrate
-    from tasks.core.settings import get_settings
-
-    url = make_database("tuneloop_import")
-    engine = engine_for(url)
-    migrate(engine)
-    monkeypatch.setenv("DATABASE_URL", url)
-    monkeypatch.setenv("TUNELOOP_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    get_settings.cache_clear()
-    yield engine
-    monkeypatch.undo()
-    get_settings.cache_clear()
+def import_db(dag_test_db):
+    return dag_test_db("tuneloop_import")
 
 
 # Every Param spelled out: the session's DAG objects keep the conf of an earlier dag.test().

@@ -24,22 +24,11 @@ SKIPPED_AFTER_DECISION = ("build", "gate_passed", "publish")
 
 
 @pytest.fixture()
-def nightly_db(airflow_db, make_database, monkeypatch, tmp_path):
-    from tasks.core.db.engine import engine_for, migrate
-    from tasks.core.settings import get_settings
-
-    url = make_database("tuneloop_nightly")
-    engine = engine_for(url)
-    migrate(engine)
+def nightly_db(dag_test_db):
+    engine = dag_test_db("tuneloop_nightly")
     store(engine, [planted_event(i) for i in range(EVENTS)],
           [reaction_for(i) for i in range(EVENTS)])
-    monkeypatch.setenv("DATABASE_URL", url)
-    monkeypatch.setenv("TUNELOOP_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    get_settings.cache_clear()
-    yield engine
-    monkeypatch.undo()
-    get_settings.cache_clear()
+    return engine
 
 
 def _run(dagbag, conf: dict) -> tuple[object, dict[str, str]]:

@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from serving.router import create_router_app
-from serving.router_config import BackendConfig, RouterConfig, key_digest
+from serving.router_config import BackendConfig, RouterConfig, default_state_path, key_digest
 from serving.router_server import RouterServer
-from serving.routing import StateResolver, default_state_path
+from serving.routing import StateResolver
 from tasks.shadow.stage import deploy_challenger
 from tests.fakes.fake_openai import FakeOpenAIServer
 from tests.unit.serving.registry_helpers import make_run_id, sign_for_tests, signed_version
